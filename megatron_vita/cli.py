@@ -1,0 +1,86 @@
+"""`megatron-vita <command>`: one thin command line over importable functions.
+
+Each command lives in the module that owns the work; that module exposes
+`add_arguments(parser)` and `run(args) -> int`, and keeps heavy imports inside functions so
+that `megatron-vita --help` stays fast. Only the chosen command's module is imported.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import List, Optional
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "create-tiny": ("megatron_vita.hf.tiny", "write a tiny random Long-VITA checkpoint in the released HF layout"),
+    "verify": ("megatron_vita.checkpoint.verify", "compare HF and megatron-core logits on text, image and video"),
+    "convert": ("megatron_vita.checkpoint.convert", "convert checkpoints between HF and Megatron formats/layouts"),
+    "data": ("megatron_vita.data.cli", "inspect stage recipes, make the synthetic demo dataset"),
+    "train": ("megatron_vita.training.cli", "train a Long-VITA stage (Megatron-style flags, YAML recipes)"),
+    "demo": ("megatron_vita.demo", "the CPU demo: data, stage 1+2 at TP=2, HF export, held-out accuracy"),
+}
+
+
+def _backend_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--backend", choices=["auto", "cpu", "cuda", "npu"], default=argparse.SUPPRESS,
+                   help="hardware backend (default: $MEGATRON_VITA_BACKEND, else auto: npu > cuda > cpu)")
+    return p
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    parent = _backend_parent()
+    parser = argparse.ArgumentParser(
+        prog="megatron-vita", parents=[parent],
+        description="Long-VITA on megatron-core: training, checkpoint conversion, verification.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text, parents=[parent])
+        if name == command:
+            importlib.import_module(module).add_arguments(sp)
+    return parser
+
+
+def _chosen_command(argv: List[str]) -> Optional[str]:
+    # The first word that names a command; --backend's values never collide with command names.
+    return next((a for a in argv if a in COMMANDS), None)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _chosen_command(argv)
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from megatron_vita.platform import ENV_VAR, BackendUnavailableError, resolve_backend
+
+    try:
+        backend = resolve_backend(getattr(args, "backend", None))
+    except BackendUnavailableError as e:
+        print(f"megatron-vita: error: {e}", file=sys.stderr)
+        return 2
+    # Child processes (spawned ranks, dataloader workers) inherit the choice.
+    os.environ[ENV_VAR] = backend
+    args.backend = backend
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("megatron-vita: interrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+        # Expected failures (bad path, bad flag value, bad checkpoint) print one clear line;
+        # MEGATRON_VITA_DEBUG=1 shows the traceback.
+        if os.environ.get("MEGATRON_VITA_DEBUG"):
+            raise
+        print(f"megatron-vita {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

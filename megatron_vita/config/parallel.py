@@ -1,0 +1,129 @@
+"""Parallel layout: how a model is split over devices (Megatron's TP / PP / VPP / CP / SP / DP).
+
+Owns validation of a layout against a model config and a world size, with messages that name
+the Megatron flag at fault, so a bad launch fails before any process group is built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from megatron_vita.config.model import ModelConfig
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    # Model chunks per pipeline rank (Megatron's virtual pipeline size); None = no interleaving.
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    context_parallel_size: int = 1
+    # ring (MindSpeed megatron_cp_algo), ulysses, or hybrid.
+    context_parallel_algo: str = "ring"
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    # Uneven pipeline stages (Megatron's --decoder-first/last-pipeline-num-layers).
+    num_layers_in_first_pipeline_stage: Optional[int] = None
+    num_layers_in_last_pipeline_stage: Optional[int] = None
+
+    @property
+    def tp(self) -> int:
+        return self.tensor_model_parallel_size
+
+    @property
+    def pp(self) -> int:
+        return self.pipeline_model_parallel_size
+
+    @property
+    def vpp(self) -> Optional[int]:
+        return self.virtual_pipeline_model_parallel_size
+
+    @property
+    def cp(self) -> int:
+        return self.context_parallel_size
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tp * self.pp * self.cp
+
+    def data_parallel_size(self, world_size: int) -> int:
+        if world_size % self.model_parallel_size:
+            raise ValueError(
+                f"world size {world_size} is not divisible by TP*PP*CP = {self.tp}*{self.pp}*{self.cp}"
+            )
+        return world_size // self.model_parallel_size
+
+    def layers_per_stage(self, num_layers: int) -> List[List[int]]:
+        """Global layer indices of each (pipeline rank, virtual chunk), in Megatron's order.
+
+        Returns a list indexed by `vp * pp + pp_rank` (the order layers are laid out in).
+        """
+        stages = self.pp * (self.vpp or 1)
+        first, last = self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage
+        if first is None and last is None:
+            if num_layers % stages:
+                raise ValueError(f"{num_layers} layers do not split evenly into {stages} pipeline chunks; "
+                                 "set --decoder-first-pipeline-num-layers/--decoder-last-pipeline-num-layers")
+            sizes = [num_layers // stages] * stages
+        else:
+            if self.vpp:
+                raise ValueError("uneven pipeline stages cannot be combined with a virtual pipeline here")
+            middle = self.pp - (first is not None) - (last is not None)
+            rest = num_layers - (first or 0) - (last or 0)
+            if middle < 0 or rest < 0 or (middle and rest % middle) or (not middle and rest):
+                raise ValueError(f"cannot place {num_layers} layers on {self.pp} stages with first={first} "
+                                 f"last={last}")
+            each = rest // middle if middle else 0
+            sizes = [each] * self.pp
+            if first is not None:
+                sizes[0] = first
+            if last is not None:
+                sizes[-1] = last
+        out, start = [], 0
+        for n in sizes:
+            out.append(list(range(start, start + n)))
+            start += n
+        return out
+
+    def validate(self, model: ModelConfig, world_size: Optional[int] = None) -> "ParallelConfig":
+        lm, vis = model.language, model.vision
+        errs = []
+        for flag, val in [("--tensor-model-parallel-size", self.tp), ("--pipeline-model-parallel-size", self.pp),
+                          ("--context-parallel-size", self.cp)]:
+            if val < 1:
+                errs.append(f"{flag} must be >= 1 (got {val})")
+        if errs:
+            raise ValueError("invalid parallel layout:\n  " + "\n  ".join(errs))
+        if lm.num_attention_heads % self.tp:
+            errs.append(f"--tensor-model-parallel-size {self.tp} does not divide the LLM's "
+                        f"{lm.num_attention_heads} attention heads")
+        if lm.num_query_groups % self.tp:
+            errs.append(f"--tensor-model-parallel-size {self.tp} does not divide the LLM's {lm.num_query_groups} "
+                        "KV groups (this project refuses TP > KV groups rather than replicating KV heads)")
+        if vis.num_attention_heads % self.tp:
+            errs.append(f"--tensor-model-parallel-size {self.tp} does not divide the ViT's "
+                        f"{vis.num_attention_heads} heads (the ViT follows the LLM's TP)")
+        if lm.ffn_hidden_size % self.tp or vis.ffn_hidden_size % self.tp or model.projector.ffn_hidden_size % self.tp:
+            errs.append(f"--tensor-model-parallel-size {self.tp} does not divide an MLP width")
+        if self.sequence_parallel and self.tp == 1:
+            errs.append("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        if self.vpp is not None:
+            if self.pp < 2:
+                errs.append("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+            if self.vpp < 1:
+                errs.append(f"virtual pipeline size must be >= 1 (got {self.vpp})")
+        if self.context_parallel_algo not in ("ring", "ulysses", "hybrid"):
+            errs.append(f"--context-parallel-algo {self.context_parallel_algo!r}: use ring, ulysses or hybrid")
+        if not errs:
+            try:
+                chunks = self.layers_per_stage(lm.num_layers)
+                if any(len(c) == 0 for c in chunks):
+                    errs.append(f"{lm.num_layers} layers leave an empty pipeline chunk over "
+                                f"PP={self.pp} x VPP={self.vpp or 1}")
+            except ValueError as e:
+                errs.append(str(e))
+        if world_size is not None and world_size % self.model_parallel_size:
+            errs.append(f"world size {world_size} is not divisible by TP*PP*CP = {self.model_parallel_size}")
+        if errs:
+            raise ValueError("invalid parallel layout:\n  " + "\n  ".join(errs))
+        return self

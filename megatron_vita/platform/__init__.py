@@ -1,0 +1,21 @@
+"""The backend switch (cpu | cuda | npu): the one place that knows which hardware runs.
+
+    from megatron_vita import platform
+    plat = platform.activate("cpu")     # or None: --backend / $MEGATRON_VITA_BACKEND / auto
+    plat.device(), plat.dist_backend, plat.memory_stats(), plat.synchronize()
+"""
+from megatron_vita.platform.backend import (
+    BACKENDS,
+    ENV_VAR,
+    BackendUnavailableError,
+    Platform,
+    activate,
+    current,
+    resolve_backend,
+)
+from megatron_vita.platform.distributed import DistributedRunError, free_port, init_distributed, spawn
+
+__all__ = [
+    "BACKENDS", "ENV_VAR", "BackendUnavailableError", "Platform", "activate", "current", "resolve_backend",
+    "DistributedRunError", "free_port", "init_distributed", "spawn",
+]

@@ -1,0 +1,125 @@
+"""torch.distributed start-up on the active backend, from torchrun or self-spawned.
+
+`init_distributed` reads torchrun's environment (or makes a 1-process group); `spawn` starts
+N local ranks itself (torch.multiprocessing, spawn context) and returns each rank's result.
+`spawn` is what `megatron-vita verify` uses when not under torchrun, and what the multi-process
+tests use: a rank that fails or a collective that hangs past `timeout` fails the whole call
+with every rank's traceback, instead of hanging a terminal or CI.
+"""
+from __future__ import annotations
+
+import os
+import queue as queue_mod
+import socket
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_vita.platform.backend import Platform, activate
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(platform: Optional[Platform] = None, timeout_minutes: int = 30) -> Platform:
+    """Initialise the default process group for this process (idempotent)."""
+    platform = platform or activate()
+    if dist.is_initialized():
+        return platform
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    platform.set_device(local_rank)
+    dist.init_process_group(
+        backend=platform.dist_backend,
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        timeout=timedelta(minutes=timeout_minutes),
+    )
+    return platform
+
+
+def _worker(rank, world_size, port, backend, threads, fn, args, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(threads)
+    try:
+        init_distributed(activate(backend), timeout_minutes=10)
+        result = fn(rank, world_size, *args)
+        dist.barrier()
+        queue.put((rank, "ok", result))
+    except BaseException:  # report everything, including KeyboardInterrupt in a child
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class DistributedRunError(RuntimeError):
+    pass
+
+
+def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 600,
+          backend: Optional[str] = None, threads: int = 1) -> List[Any]:
+    """Run `fn(rank, world_size, *args)` on `world_size` local ranks; return results by rank.
+
+    `fn` and `args` must be picklable (module-level function). Raises DistributedRunError with
+    every failing rank's traceback, or when `timeout` seconds pass (all ranks are killed).
+    """
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, threads, fn, args, q), daemon=False)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results, errors = {}, {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) + len(errors) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if errors:
+                    break
+                raise DistributedRunError(
+                    f"distributed run timed out after {timeout:.0f}s; ranks finished: {sorted(results)}; "
+                    f"failed: {sorted(errors)}" + _format_errors(errors))
+            try:
+                rank, status, payload = q.get(timeout=min(remaining, 1.0))
+            except queue_mod.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)
+                        and r not in results and r not in errors]
+                if dead:
+                    # A rank died without reporting (segfault, OOM kill): peers would hang.
+                    for r in dead:
+                        errors[r] = f"process exited with code {procs[r].exitcode} without a report"
+                    break
+                continue
+            (results if status == "ok" else errors)[rank] = payload
+            if errors:
+                # Peers of a failed rank usually block in a collective: collect what else
+                # arrives shortly, then stop waiting.
+                deadline = min(deadline, time.monotonic() + 3.0)
+    finally:
+        for p in procs:
+            p.join(timeout=5 if not errors else 0.5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if errors:
+        raise DistributedRunError(f"{len(errors)} of {world_size} ranks failed" + _format_errors(errors))
+    return [results[r] for r in range(world_size)]
+
+
+def _format_errors(errors) -> str:
+    return "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
