@@ -51,22 +51,25 @@ def _chosen_command(argv: List[str]) -> Optional[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from megatron_vita.platform import ENV_VAR, BackendUnavailableError, resolve_backend
+
+    early, _ = _backend_parent().parse_known_args(argv)
+    if "-h" not in argv and "--help" not in argv:
+        # Fail on an unusable backend before importing anything heavy.
+        try:
+            backend = resolve_backend(getattr(early, "backend", None))
+        except BackendUnavailableError as e:
+            print(f"megatron-vita: error: {e}", file=sys.stderr)
+            return 2
+        # Child processes (spawned ranks, dataloader workers) inherit the choice.
+        os.environ[ENV_VAR] = backend
     command = _chosen_command(argv)
     parser = build_parser(command)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    from megatron_vita.platform import ENV_VAR, BackendUnavailableError, resolve_backend
-
-    try:
-        backend = resolve_backend(getattr(args, "backend", None))
-    except BackendUnavailableError as e:
-        print(f"megatron-vita: error: {e}", file=sys.stderr)
-        return 2
-    # Child processes (spawned ranks, dataloader workers) inherit the choice.
-    os.environ[ENV_VAR] = backend
-    args.backend = backend
+    args.backend = os.environ.get(ENV_VAR, "auto")
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)
