@@ -104,6 +104,11 @@ class LongVITAModel(LongVITAPreTrainedModel, Qwen2Model):
         # the modules added above (initialised modules are skipped) and registers them.
         self.post_init()
 
+    def tokens_per_tile(self, images: torch.Tensor) -> int:
+        """Feature tokens one tile of `images` ([n, 3, H, W]) gives after pixel shuffle."""
+        patch = self.config.visual.patch_size
+        return int((images.shape[-2] // patch) * (images.shape[-1] // patch) * self.config.downsample_ratio ** 2)
+
     def get_image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Tiles [n, 3, H, W] -> projected features [n, (H/p)(W/p) r^2, llm_hidden]."""
         images = images.to(self.vision_model.embeddings.patch_embedding.weight.dtype)
@@ -207,6 +212,19 @@ class LongVITAForCausalLM(LongVITAPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
                                       hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    def generate(self, inputs: Optional[torch.Tensor] = None, *args, images: Optional[torch.Tensor] = None,
+                 image_indices: Optional[torch.LongTensor] = None, **kwargs):
+        """GenerationMixin.generate plus `images` / `image_indices` for the prompt.
+
+        The feature positions are fixed from the prompt here: generated tokens are never
+        visual slots, even if a (badly trained) model emits a context-token id.
+        """
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        if images is not None and image_indices is None and prompt is not None:
+            image_indices = context_token_indices(prompt, self.config.context_token_ids,
+                                                  self.model.tokens_per_tile(images), images.shape[0])
+        return super().generate(inputs, *args, images=images, image_indices=image_indices, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, next_sequence_length: Optional[int] = None,
                                       cache: Optional[Cache] = None, attention_mask: Optional[torch.Tensor] = None,
