@@ -197,6 +197,9 @@ def activate(requested: Optional[str] = None, *, patch_megatron: bool = True) ->
     else:
         plat = Platform("cpu", "gloo", _CpuAccelerator())
     _ACTIVE = plat
+    # megatron's tensor-parallel layers overlap grad all-reduce with compute only when the
+    # device runs one kernel queue; it checks this variable (MindSpeed sets it too).
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     if patch_megatron:
         _patch_megatron(name)
     return plat
@@ -205,9 +208,20 @@ def activate(requested: Optional[str] = None, *, patch_megatron: bool = True) ->
 _PATCHED = set()
 
 
+def _quiet_known_warnings() -> None:
+    """Silence warnings megatron-core 0.12.1 prints on every rank that say nothing actionable."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor` is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor` is deprecated.*")
+
+
 def _patch_megatron(name: str) -> None:
     if name in _PATCHED:
         return
+    _quiet_known_warnings()
     if name == "cpu":
         from megatron_vita.platform import cpu_shim
 

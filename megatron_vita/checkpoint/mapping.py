@@ -1,0 +1,270 @@
+"""The declared HF <-> megatron-core weight mapping for Long-VITA, and how each tensor shards.
+
+One rule per parameter family (a table, not a cascade of ifs). A rule names the megatron-core
+parameter (this project's names, global layer index `{i}`), the HF parameter(s) it is made of,
+the transform between them and how the megatron tensor splits over tensor-parallel ranks:
+
+  transform  qkv      HF q/k/v (or the ViT's fused [all Q; all K; all V]) <-> megatron's fused
+                      QKV grouped per KV group: [q heads of group g; k_g; v_g] for g in groups
+                      (for the ViT's MHA this is the per-head interleave [q_h, k_h, v_h]).
+             glu      HF gate/up <-> fc1 = [gate; up].
+             pos      HF position_embedding [1, N, C] <-> megatron [N, C].
+  shard      column   dim 0 in TP contiguous chunks   row   dim 1
+             vocab    dim 0 after padding the vocabulary to the layout's padded size
+             glu      gate and up halves split separately: rank r gets [gate_r; up_r]
+             replicated
+
+Everything works tensor by tensor, so converters can stream: `verify`, `convert`, training's
+HF initialisation and HF export all go through these functions.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from megatron_vita.config.model import ModelConfig
+
+LLM = "language_model."
+VIT = "vision_model."
+PROJ = "vision_projection."
+
+
+@dataclass(frozen=True)
+class Rule:
+    mcore: str  # megatron-core name pattern; {i} = global layer index
+    hf: Tuple[str, ...]  # HF name pattern(s); {i} = the same layer index
+    transform: str = "identity"  # identity | qkv | vit_qkv | glu | pos
+    shard: str = "replicated"  # replicated | column | row | vocab | glu
+    layer: Optional[str] = None  # "llm" | "vit": which layer count {i} ranges over
+
+
+RULES: Tuple[Rule, ...] = (
+    # Language model
+    Rule(LLM + "embedding.word_embeddings.weight", ("model.embed_tokens.weight",), shard="vocab"),
+    Rule(LLM + "decoder.layers.{i}.input_layernorm.weight", ("model.layers.{i}.input_layernorm.weight",), layer="llm"),
+    Rule(LLM + "decoder.layers.{i}.self_attention.linear_qkv.weight",
+         tuple(f"model.layers.{{i}}.self_attn.{p}_proj.weight" for p in "qkv"), "qkv", "column", "llm"),
+    Rule(LLM + "decoder.layers.{i}.self_attention.linear_qkv.bias",
+         tuple(f"model.layers.{{i}}.self_attn.{p}_proj.bias" for p in "qkv"), "qkv", "column", "llm"),
+    Rule(LLM + "decoder.layers.{i}.self_attention.linear_proj.weight", ("model.layers.{i}.self_attn.o_proj.weight",),
+         shard="row", layer="llm"),
+    Rule(LLM + "decoder.layers.{i}.pre_mlp_layernorm.weight", ("model.layers.{i}.post_attention_layernorm.weight",),
+         layer="llm"),
+    Rule(LLM + "decoder.layers.{i}.mlp.linear_fc1.weight",
+         ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"), "glu", "glu", "llm"),
+    Rule(LLM + "decoder.layers.{i}.mlp.linear_fc2.weight", ("model.layers.{i}.mlp.down_proj.weight",),
+         shard="row", layer="llm"),
+    Rule(LLM + "decoder.final_layernorm.weight", ("model.norm.weight",)),
+    Rule(LLM + "output_layer.weight", ("lm_head.weight",), shard="vocab"),
+    # Vision tower
+    Rule(VIT + "conv1.weight", ("model.vision_model.embeddings.patch_embedding.weight",)),
+    Rule(VIT + "conv1.bias", ("model.vision_model.embeddings.patch_embedding.bias",)),
+    Rule(VIT + "class_token", ("model.vision_model.embeddings.class_embedding",)),
+    Rule(VIT + "position_embeddings.weight", ("model.vision_model.embeddings.position_embedding",), "pos"),
+    *(Rule(VIT + f"decoder.layers.{{i}}.{mc}.{wb}", (f"model.vision_model.encoder.layers.{{i}}.{hf}.{wb}",),
+           layer="vit") for mc, hf in (("input_layernorm", "norm1"), ("pre_mlp_layernorm", "norm2"))
+      for wb in ("weight", "bias")),
+    *(Rule(VIT + f"decoder.layers.{{i}}.self_attention.linear_qkv.{wb}",
+           (f"model.vision_model.encoder.layers.{{i}}.attn.qkv.{wb}",), "vit_qkv", "column", "vit")
+      for wb in ("weight", "bias")),
+    Rule(VIT + "decoder.layers.{i}.self_attention.linear_proj.weight",
+         ("model.vision_model.encoder.layers.{i}.attn.proj.weight",), shard="row", layer="vit"),
+    Rule(VIT + "decoder.layers.{i}.self_attention.linear_proj.bias",
+         ("model.vision_model.encoder.layers.{i}.attn.proj.bias",), layer="vit"),
+    Rule(VIT + "decoder.layers.{i}.mlp.linear_fc1.weight", ("model.vision_model.encoder.layers.{i}.mlp.fc1.weight",),
+         shard="column", layer="vit"),
+    Rule(VIT + "decoder.layers.{i}.mlp.linear_fc1.bias", ("model.vision_model.encoder.layers.{i}.mlp.fc1.bias",),
+         shard="column", layer="vit"),
+    Rule(VIT + "decoder.layers.{i}.mlp.linear_fc2.weight", ("model.vision_model.encoder.layers.{i}.mlp.fc2.weight",),
+         shard="row", layer="vit"),
+    Rule(VIT + "decoder.layers.{i}.mlp.linear_fc2.bias", ("model.vision_model.encoder.layers.{i}.mlp.fc2.bias",),
+         layer="vit"),
+    Rule(VIT + "decoder.layers.{i}.ls1", ("model.vision_model.encoder.layers.{i}.ls1",), layer="vit"),
+    Rule(VIT + "decoder.layers.{i}.ls2", ("model.vision_model.encoder.layers.{i}.ls2",), layer="vit"),
+    # Projector
+    Rule(PROJ + "layernorm.weight", ("model.vision_projection.pre_proj_layernorm.weight",)),
+    Rule(PROJ + "layernorm.bias", ("model.vision_projection.pre_proj_layernorm.bias",)),
+    Rule(PROJ + "linear_fc1.weight", ("model.vision_projection.mlp.0.weight",), shard="column"),
+    Rule(PROJ + "linear_fc2.weight", ("model.vision_projection.mlp.2.weight",), shard="row"),
+)
+
+
+def _pattern(template: str) -> "re.Pattern":
+    return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(\d+)") + "$")
+
+
+_MCORE_PATTERNS = [(_pattern(r.mcore), r) for r in RULES]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One concrete megatron-core parameter (global layer index) and its HF sources."""
+
+    name: str
+    hf_names: Tuple[str, ...]
+    rule: Rule
+    layer: Optional[int]
+
+
+def _concrete(rule: Rule, i: Optional[int]) -> Param:
+    fmt = (lambda s: s.replace("{i}", str(i))) if i is not None else (lambda s: s)
+    return Param(fmt(rule.mcore), tuple(fmt(h) for h in rule.hf), rule, i)
+
+
+def all_params(cfg: ModelConfig) -> List[Param]:
+    """Every parameter of the full model, in a stable order (embedding -> layers -> head -> ViT)."""
+    counts = {"llm": cfg.language.num_layers, "vit": cfg.vision.num_layers}
+    out = []
+    for rule in RULES:
+        if rule.layer is None:
+            out.append(_concrete(rule, None))
+        else:
+            out.extend(_concrete(rule, i) for i in range(counts[rule.layer]))
+    return out
+
+
+def lookup(mcore_name: str) -> Param:
+    """The rule behind a global megatron-core name (clear KeyError for unknown names)."""
+    for pat, rule in _MCORE_PATTERNS:
+        m = pat.match(mcore_name)
+        if m:
+            return _concrete(rule, int(m.group(1)) if m.groups() else None)
+    raise KeyError(f"no HF mapping for megatron-core parameter '{mcore_name}'")
+
+
+def hf_names_of(cfg: ModelConfig) -> List[str]:
+    return [h for p in all_params(cfg) for h in p.hf_names]
+
+
+# ---- transforms between the HF and the full (TP=1) megatron tensors ---------------------------
+
+def _heads(cfg: ModelConfig, rule: Rule) -> Tuple[int, int, int]:
+    """(query heads, kv groups, head dim) of the attention a QKV rule belongs to."""
+    if rule.layer == "vit":
+        v = cfg.vision
+        return v.num_attention_heads, v.num_attention_heads, v.kv_channels
+    lm = cfg.language
+    return lm.num_attention_heads, lm.num_query_groups, lm.kv_channels
+
+
+def _group_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, groups: int, d: int) -> torch.Tensor:
+    rest = q.shape[1:]
+    q = q.reshape(groups, heads // groups * d, *rest)
+    k = k.reshape(groups, d, *rest)
+    v = v.reshape(groups, d, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+
+def _ungroup_qkv(x: torch.Tensor, heads: int, groups: int, d: int):
+    rest = x.shape[1:]
+    x = x.reshape(groups, (heads // groups + 2) * d, *rest)
+    q, k, v = x.split([heads // groups * d, d, d], dim=1)
+    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
+
+
+def to_mcore(cfg: ModelConfig, param: Param, hf: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Full megatron tensor from its HF tensor(s) (in `param.hf_names` order)."""
+    t = param.rule.transform
+    if t == "identity":
+        return hf[0]
+    if t == "pos":
+        return hf[0].reshape(hf[0].shape[-2], hf[0].shape[-1])
+    if t == "glu":
+        return torch.cat([hf[0], hf[1]], dim=0)
+    if t == "qkv":
+        return _group_qkv(*hf, *_heads(cfg, param.rule))
+    if t == "vit_qkv":
+        return _group_qkv(*hf[0].chunk(3, dim=0), *_heads(cfg, param.rule))
+    raise ValueError(f"unknown transform {t!r}")
+
+
+def to_hf(cfg: ModelConfig, param: Param, full: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """HF tensor(s) from the full megatron tensor."""
+    t, names = param.rule.transform, param.hf_names
+    if t == "identity":
+        return {names[0]: full}
+    if t == "pos":
+        return {names[0]: full.unsqueeze(0)}
+    if t == "glu":
+        gate, up = full.chunk(2, dim=0)
+        return {names[0]: gate, names[1]: up}
+    if t == "qkv":
+        return dict(zip(names, _ungroup_qkv(full, *_heads(cfg, param.rule))))
+    if t == "vit_qkv":
+        return {names[0]: torch.cat(_ungroup_qkv(full, *_heads(cfg, param.rule)), dim=0)}
+    raise ValueError(f"unknown transform {t!r}")
+
+
+# ---- tensor-parallel sharding of full megatron tensors -----------------------------------------
+
+def pad_vocab(full: torch.Tensor, padded_rows: int) -> torch.Tensor:
+    if full.shape[0] > padded_rows:
+        raise ValueError(f"vocabulary of {full.shape[0]} rows does not fit the padded size {padded_rows}")
+    if full.shape[0] == padded_rows:
+        return full
+    return torch.cat([full, full.new_zeros(padded_rows - full.shape[0], *full.shape[1:])], dim=0)
+
+
+def shard(param: Param, full: torch.Tensor, tp: int, rank: int, padded_vocab: Optional[int] = None) -> torch.Tensor:
+    """This TP rank's piece of a full megatron tensor."""
+    kind = param.rule.shard
+    if kind == "replicated" or tp == 1 and kind != "vocab":
+        return full
+    if kind == "vocab":
+        full = pad_vocab(full, padded_vocab if padded_vocab is not None else full.shape[0])
+        return full.chunk(tp, dim=0)[rank]
+    if kind == "column":
+        return full.chunk(tp, dim=0)[rank]
+    if kind == "row":
+        return full.chunk(tp, dim=1)[rank]
+    if kind == "glu":
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]], dim=0)
+    raise ValueError(f"unknown shard kind {kind!r}")
+
+
+def unshard(param: Param, pieces: Sequence[torch.Tensor], vocab_size: Optional[int] = None) -> torch.Tensor:
+    """Full megatron tensor from all TP ranks' pieces (padded vocabulary rows dropped)."""
+    kind = param.rule.shard
+    if kind == "replicated":
+        return pieces[0]
+    if kind in ("column", "vocab"):
+        full = torch.cat(list(pieces), dim=0)
+        return full[:vocab_size] if kind == "vocab" and vocab_size is not None else full
+    if kind == "row":
+        return torch.cat(list(pieces), dim=1)
+    if kind == "glu":
+        halves = [p.chunk(2, dim=0) for p in pieces]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    raise ValueError(f"unknown shard kind {kind!r}")
+
+
+# ---- local (per pipeline chunk) <-> global names ------------------------------------------------
+
+_LLM_LAYER = re.compile(r"^(language_model\.decoder\.layers\.)(\d+)(\..*)$")
+
+
+def local_to_global(name: str, layer_ids: Sequence[int]) -> str:
+    """A chunk's state-dict name (local layer index) -> the global name."""
+    m = _LLM_LAYER.match(name)
+    return f"{m.group(1)}{layer_ids[int(m.group(2))]}{m.group(3)}" if m else name
+
+
+def global_to_local(name: str, layer_ids: Sequence[int]) -> Optional[str]:
+    """The chunk-local name of a global name, or None when the layer is not in this chunk."""
+    m = _LLM_LAYER.match(name)
+    if not m:
+        return name
+    i = int(m.group(2))
+    return f"{m.group(1)}{layer_ids.index(i)}{m.group(3)}" if i in layer_ids else None
+
+
+def iter_model_params(state_dict_keys: Sequence[str]) -> Iterator[str]:
+    """State-dict keys that are parameters (megatron's `_extra_state` entries skipped)."""
+    return (k for k in state_dict_keys if not k.endswith("_extra_state"))
+
+
+TensorSource = Callable[[str], torch.Tensor]

@@ -1,0 +1,46 @@
+"""`torch.load` that never runs code from a checkpoint.
+
+Checkpoints are loaded with `weights_only=True`. Megatron's legacy `model_optim_rng.pt` files
+also hold a few harmless non-tensor objects (an `argparse.Namespace` of the training flags,
+enums); only those are allow-listed. A pickle that asks for anything else is refused with an
+error that names the file and the global it wanted.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import pickle
+from typing import Any
+
+import torch
+
+# Types legacy Megatron / MindSpeed checkpoints are known to contain besides tensors.
+ALLOWED_GLOBALS = [argparse.Namespace, collections.OrderedDict]
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """The checkpoint's pickle asked for a type outside the allow-list."""
+
+
+def _allowed() -> list:
+    allowed = list(ALLOWED_GLOBALS)
+    try:
+        from megatron.core.enums import ModelType
+        from megatron.core.transformer.enums import AttnBackend, AttnMaskType
+
+        allowed += [ModelType, AttnMaskType, AttnBackend]
+    except ImportError:  # megatron not installed: tensors and Namespaces are enough
+        pass
+    return allowed
+
+
+def safe_torch_load(path: str, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """Load a torch checkpoint with weights_only=True plus the legacy allow-list."""
+    try:
+        with torch.serialization.safe_globals(_allowed()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: its pickle needs objects outside the weights-only allow-list "
+            f"(torch says: {str(e).splitlines()[0]}). If you trust this file, re-save it as tensors only."
+        ) from None

@@ -1,0 +1,72 @@
+"""Build this rank's Long-VITA model chunks for a parallel layout (Megatron's model_provider).
+
+With a virtual pipeline a rank holds several chunks; megatron decides which layers a chunk
+holds from its global virtual-pipeline rank, so each chunk is built with that rank set.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+from megatron.core import parallel_state as ps
+
+from megatron_vita.config.model import ModelConfig
+from megatron_vita.config.parallel import ParallelConfig
+from megatron_vita.models.language.qwen2 import language_transformer_config
+from megatron_vita.models.long_vita.model import LongVITAModel
+from megatron_vita.parallel.state import virtual_pipeline_rank
+
+
+def padded_vocab_size(vocab_size: int, tp: int, make_vocab_size_divisible_by: int = 1) -> int:
+    """Vocabulary rows of the embedding/output layer: a multiple of divisor * TP.
+
+    The default divisor 1 keeps Long-VITA's 152064 rows unpadded at TP 1/2/4/8 (the released
+    MindSpeed TP8 layout); Megatron's usual 128 is available for throughput experiments.
+    """
+    multiple = make_vocab_size_divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+@dataclass
+class BuildOptions:
+    params_dtype: torch.dtype = torch.float32
+    make_vocab_size_divisible_by: int = 1
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
+
+
+def chunk_layers(model_config: ModelConfig, par: ParallelConfig, pp_rank: int, vp: int = 0) -> List[int]:
+    """Global LLM layer indices held by (pp_rank, virtual chunk vp)."""
+    return par.layers_per_stage(model_config.language.num_layers)[vp * par.pp + pp_rank]
+
+
+def build_model_chunks(
+    model_config: ModelConfig,
+    par: ParallelConfig,
+    options: Optional[BuildOptions] = None,
+    language_layer_spec=None,
+    vision_layer_spec=None,
+) -> List[LongVITAModel]:
+    """This rank's chunks (one unless VPP), parameters on CPU in `options.params_dtype`.
+
+    Megatron's process groups must already exist (megatron_vita.parallel.initialize_parallel).
+    """
+    options = options or BuildOptions()
+    par.validate(model_config)
+    config = language_transformer_config(
+        model_config.language, par, params_dtype=options.params_dtype,
+        recompute_granularity=options.recompute_granularity, recompute_method=options.recompute_method,
+        recompute_num_layers=options.recompute_num_layers,
+    )
+    vocab = padded_vocab_size(model_config.language.vocab_size, par.tp, options.make_vocab_size_divisible_by)
+    chunks = []
+    for vp in range(par.vpp or 1):
+        with virtual_pipeline_rank(vp):
+            chunks.append(LongVITAModel(
+                model_config, config, vocab,
+                pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+                language_layer_spec=language_layer_spec, vision_layer_spec=vision_layer_spec,
+            ))
+    return chunks

@@ -1,0 +1,105 @@
+"""Running Long-VITA micro-batches through megatron's pipeline schedules.
+
+The schedules (no pipelining, 1F1B, interleaved) move activations between stages; a forward
+step only has to call the model chunk on its micro-batch. The same forward step serves
+training (per-token losses) and inference/verification (logits), so the batch contract is
+defined once: tokens, position_ids, pixel_values, image_indices, labels, loss_mask, cu_seqlens.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+
+def packed_seq_params(cu_seqlens: Optional[torch.Tensor]) -> Optional[PackedSeqParams]:
+    """megatron's `thd` description of packed documents (no attention across boundaries)."""
+    if cu_seqlens is None:
+        return None
+    cu = cu_seqlens.to(torch.int32).reshape(-1)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                           max_seqlen_kv=longest)
+
+
+def model_inputs(batch: Dict[str, torch.Tensor]) -> Dict[str, object]:
+    """Keyword arguments of LongVITAModel.forward from a data batch."""
+    tokens = batch["tokens"]
+    position_ids = batch.get("position_ids")
+    if position_ids is None:
+        position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+    return dict(
+        input_ids=tokens,
+        position_ids=position_ids,
+        pixel_values=batch.get("pixel_values"),
+        image_indices=batch.get("image_indices"),
+        packed_seq_params=packed_seq_params(batch.get("cu_seqlens")),
+    )
+
+
+def run_schedule(chunks: Sequence[torch.nn.Module], microbatches: List[Dict[str, torch.Tensor]],
+                 forward_step: Callable, forward_only: bool, seq_length: Optional[int] = None):
+    """megatron's forward(-backward) over this rank's chunks; returns the schedule's outputs."""
+    schedule = get_forward_backward_func()
+    tokens = microbatches[0]["tokens"]
+    iterators = [iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches)
+    return schedule(
+        forward_step_func=forward_step,
+        data_iterator=iterators,
+        model=list(chunks) if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(microbatches),
+        # The global sequence length: megatron divides by CP and (under SP) by TP itself.
+        seq_length=seq_length or tokens.shape[1],
+        micro_batch_size=tokens.shape[0],
+        forward_only=forward_only,
+    )
+
+
+def _pad_to_multiple(batch: Dict[str, torch.Tensor], multiple: int, pad_id: int) -> Dict[str, torch.Tensor]:
+    """Right-pad tokens (causal attention: earlier positions are unaffected) to a length multiple."""
+    s = batch["tokens"].shape[1]
+    extra = -s % multiple
+    if not extra:
+        return batch
+    out = dict(batch)
+    out["tokens"] = torch.nn.functional.pad(batch["tokens"], (0, extra), value=pad_id)
+    if batch.get("position_ids") is not None:
+        tail = batch["position_ids"][:, -1:] + torch.arange(1, extra + 1)
+        out["position_ids"] = torch.cat([batch["position_ids"], tail], dim=1)
+    return out
+
+
+def forward_only(chunks: Sequence[torch.nn.Module], microbatches: List[Dict[str, torch.Tensor]],
+                 pad_id: int = 0) -> Optional[List[torch.Tensor]]:
+    """Full-vocabulary logits [b, s, V] per micro-batch on the last stage; None elsewhere.
+
+    Sequences are right-padded as sequence parallelism needs (a multiple of TP) and the padding
+    is cut from the logits; the interleaved schedule needs at least PP micro-batches, so the
+    list is repeated to that count and the extra outputs dropped.
+    """
+    config = chunks[0].config
+    lengths = [mb["tokens"].shape[1] for mb in microbatches]
+    multiple = config.tensor_model_parallel_size if config.sequence_parallel else 1
+    padded = [_pad_to_multiple(mb, multiple, pad_id) for mb in microbatches]
+    if len({mb["tokens"].shape[1] for mb in padded}) != 1:
+        raise ValueError(f"micro-batches of one call must have equal lengths, got {lengths}")
+    n = len(padded)
+    if len(chunks) > 1:
+        pp = ps.get_pipeline_model_parallel_world_size()
+        padded = (padded * pp)[:max(pp, -(-n // pp) * pp)]
+
+    def step(data_iterator, model):
+        batch = next(data_iterator)
+        out = model(**model_inputs(batch), runtime_gather_output=True)
+        return out, lambda o: (o.new_zeros(()), {"logits": o.detach()})
+
+    for c in chunks:
+        c.eval()
+    with torch.no_grad():
+        outputs = run_schedule(chunks, padded, step, forward_only=True)
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    return [o["logits"][:, :length] for o, length in zip(outputs[:n], lengths)]
