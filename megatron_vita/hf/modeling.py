@@ -122,8 +122,8 @@ class LongVITAModel(LongVITAPreTrainedModel, Qwen2Model):
                              image_indices: Optional[torch.Tensor],
                              input_ids: Optional[torch.Tensor]) -> torch.Tensor:
         """Write the features of `images` into `inputs_embeds` at `image_indices` (derived if None)."""
-        features = self.get_image_features(images)
-        n_tiles, per_tile = features.shape[:2]
+        # Check the positions before running the ViT: a mismatch should fail fast.
+        n_tiles, per_tile = images.shape[0], self.tokens_per_tile(images)
         if image_indices is None:
             if input_ids is None:
                 raise ValueError("images without image_indices need input_ids to find the context tokens")
@@ -133,6 +133,7 @@ class LongVITAModel(LongVITAPreTrainedModel, Qwen2Model):
                              f"[2, n_tiles={n_tiles}, tokens_per_tile={per_tile}] for images "
                              f"{tuple(images.shape)}")
         image_indices = image_indices.to(inputs_embeds.device)
+        features = self.get_image_features(images)
         # Out-of-place so that gradients reach both the text embeddings and the projector.
         return inputs_embeds.index_put(
             (image_indices[0].reshape(-1), image_indices[1].reshape(-1)),

@@ -85,15 +85,9 @@ def test_vision_layer_scale_matters(vision_pair):
 
 
 def internvl_from_long_vita(model) -> InternVLForConditionalGeneration:
-    """InternVL holding the weights of a LongVITAForCausalLM.
-
-    Bridged differences: (1) InternVL's projector has biases, set to zero here (Long-VITA has
-    none); (2) InternVL's projector bottleneck is the LLM width, so this only works when the
-    Long-VITA bottleneck (the ViT width) equals the LLM width, true for the tiny preset
-    (64 = 64 = 64); (3) InternVL has one image token id, so the inputs use <IMG_CONTEXT> only
-    (Long-VITA also fills <VID_CONTEXT> and <PATCH_CONTEXT>); (4) names: qkv split, ls -> lambda,
-    vision_model -> vision_tower, model.* -> model.language_model.*.
-    """
+    """InternVL holding the weights of a LongVITAForCausalLM: zero projector biases, and the
+    names mapped (qkv split, ls -> lambda, vision_model -> vision_tower, model.* ->
+    model.language_model.*, projector -> multi_modal_projector)."""
     c = model.config
     assert c.projector_hidden_size == c.hidden_size, "InternVL needs bottleneck == LLM width"
     text = dict(model_type="qwen2", vocab_size=c.vocab_size, hidden_size=c.hidden_size,
@@ -127,7 +121,14 @@ def internvl_from_long_vita(model) -> InternVLForConditionalGeneration:
 
 
 def test_whole_model_matches_internvl(tiny_model):
-    """A batch of two rows, 3 tiles in row 0 and 1 in row 1, text around them."""
+    """LongVITAForCausalLM == InternVLForConditionalGeneration with the same weights, on a
+    batch of two rows (3 tiles in row 0, 1 in row 1, text around them).
+
+    Differences bridged (see internvl_from_long_vita): InternVL's projector biases are set to
+    zero (Long-VITA's projector has none); InternVL's bottleneck is the LLM width, Long-VITA's
+    the ViT width, equal in the tiny preset (64); InternVL fills one image token id, so only
+    <IMG_CONTEXT> is used here (Long-VITA also fills <VID_CONTEXT> and <PATCH_CONTEXT>).
+    """
     c = tiny_model.config
     img = c.special_token_ids["<IMG_CONTEXT>"]
     n = c.num_image_token

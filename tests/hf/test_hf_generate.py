@@ -116,3 +116,16 @@ def test_labels_loss_and_gradients_reach_vision(tiny_dir):
                  "model.vision_model.embeddings.patch_embedding.weight", "model.embed_tokens.weight"):
         grad = model.get_parameter(name).grad
         assert grad is not None and grad.abs().sum().item() > 0, name
+
+
+def test_released_past_key_values_argument(tiny_model):
+    """Incremental decoding with the released argument name `past_key_values` equals one
+    full forward (images at prefill only)."""
+    ids, images = _image_prompt(tiny_model)
+    split = ids.shape[1] - 4
+    with torch.no_grad():
+        full = tiny_model(input_ids=ids, images=images).logits
+        first = tiny_model(input_ids=ids[:, :split], images=images, use_cache=True)
+        second = tiny_model(input_ids=ids[:, split:], past_key_values=first.cache, use_cache=True)
+    assert first.cache.get_seq_length() == ids.shape[1]
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], dim=1), full, rtol=1e-5, atol=1e-5)
