@@ -143,6 +143,11 @@ class ChatEncoder:
     def _encode(self, texts: List[str]) -> List[List[int]]:
         if not texts:
             return []
+        # The Rust tokenizer's encode only borrows it, so planner threads can share it; the HF
+        # wrapper's __call__ may reconfigure truncation/padding on every call, which is not thread safe.
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=False)]
         return [list(x) for x in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     def media_tag_order(self, content_ids: Sequence[Sequence[int]]) -> List[str]:

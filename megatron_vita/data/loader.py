@@ -1,0 +1,292 @@
+"""The training data loader: recipe -> resumable stream of packed micro-batches for one DP rank.
+
+Owns `build_train_loader` and `TrainLoader`, the object training iterates. The planner
+(sampler.py) runs in the main process and decides which records form which packed sequence;
+DataLoader workers only materialise those plans (decode media, build tensors), so the output is
+deterministic for any number of workers and the resume state never depends on them.
+
+Batch (dict), see packing.collate_packs: tokens, labels (pre-shifted), loss_mask, position_ids,
+pixel_values, image_indices, num_samples, and with reset packing cu_seqlens + max_seqlen.
+
+`state_dict()` is small, JSON-serialisable and identical on every DP rank: the planner snapshot
+after the last fully consumed round (stream position, packer buffers of indices, global
+counters), a fingerprint of recipe/data/tokenizer, and the layout it was saved with. Loading it
+continues the same global stream of packed sequences, for any DP size or micro-batch size.
+Decode failures found by workers are per rank: they are logged and counted in `stats()` but are
+not part of the (rank-independent) state.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import hashlib
+import json
+import logging
+import os
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+
+from megatron_vita.data.image import MediaError
+from megatron_vita.data.packing import Packer, SampleRef, collate_packs
+from megatron_vita.data.readers import RecordFile, normalize_record
+from megatron_vita.data.recipe import Recipe, load_recipe
+from megatron_vita.data.sample import DataStats, Document, SampleBuilder
+from megatron_vita.data.sampler import Evaluation, MixtureOrder, Planner
+from megatron_vita.data.template import ChatEncoder, SampleError
+
+logger = logging.getLogger("megatron_vita.data")
+STATE_VERSION = 1
+
+
+class RecordEvaluator:
+    """Reads records of a recipe's datasets and turns them into Documents (planner and workers)."""
+
+    def __init__(self, recipe: Recipe, tokenizer, model_config, data_root: str, cache_dir: Optional[str] = None,
+                 tokens=None):
+        from megatron_vita.data.template import token_ids_from_tokenizer
+
+        self.recipe = recipe
+        self.data_root = os.path.abspath(data_root)
+        self.tokens = tokens or token_ids_from_tokenizer(tokenizer)
+        self.num_image_token = model_config.num_image_token
+        self.image_size = model_config.vision.image_size
+        self.encoder = ChatEncoder(tokenizer, self.tokens, self.num_image_token)
+        self.builder = SampleBuilder(recipe, self.encoder, self.image_size, self.data_root)
+        self.names = [d.path for d in recipe.datasets]
+        self.files: List[Optional[RecordFile]] = []
+        self.media_bases: List[str] = []
+        for d in recipe.datasets:
+            self.files.append(RecordFile(recipe.resolve(self.data_root, d.path), d.format, cache_dir) if d.enabled
+                              else None)
+            self.media_bases.append(recipe.resolve(self.data_root, d.media_root) if d.media_root else self.data_root)
+
+    @property
+    def sizes(self) -> List[int]:
+        return [len(f) if f is not None else 0 for f in self.files]
+
+    def location(self, ds: int, rec: int) -> str:
+        return self.files[ds].location(rec)
+
+    def document(self, ds: int, rec: int, max_frames: int = 0):
+        conv = normalize_record(self.files[ds].read(rec))
+        return self.builder.fit(conv, self.media_bases[ds], max_frames)
+
+    def evaluate(self, ds: int, rec: int) -> Evaluation:
+        """Token length and outcome of one record; never raises on bad data."""
+        loc = self.location(ds, rec)
+        try:
+            doc, outcome = self.document(ds, rec)
+        except (SampleError, MediaError) as e:
+            return None, f"bad:{e.reason}", loc, str(e)
+        except Exception as e:  # a data bug must be counted and reported, not stop a weeks-long run
+            return None, "bad:unexpected", loc, f"{type(e).__name__}: {e}"
+        if doc is None:
+            return None, outcome, loc, f"{outcome}: longer than seq_length {self.recipe.seq_length}"
+        return (ds, rec, len(doc), doc.max_frames), outcome, loc, ""
+
+    def materialize(self, ref: SampleRef):
+        """(input_ids, labels, tiles uint8) of a planned document; raises SampleError/MediaError."""
+        ds, rec, length, max_frames = ref
+        doc, _ = self.document(ds, rec, max_frames)
+        if doc is None or len(doc) != length:
+            raise SampleError(f"document length changed since planning ({length} -> "
+                              f"{None if doc is None else len(doc)})", "length_mismatch")
+        return doc.input_ids, doc.labels, self.builder.pixels_uint8(doc)
+
+    def fingerprint(self, seed: int, vocab_size: int) -> str:
+        r = self.recipe
+        desc = {"seed": seed, "seq_length": r.seq_length, "image": vars(r.image), "video": vars(r.video),
+                "packing": vars(r.packing), "T": self.num_image_token, "image_size": self.image_size,
+                "vocab": vocab_size, "tokens": self.tokens.special,
+                "datasets": [[d.path, n, d.ratio, d.cap] for d, n in zip(r.datasets, self.sizes) if d.enabled]}
+        return hashlib.sha1(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class PackDataset(torch.utils.data.Dataset):
+    """Map-style dataset whose 'indices' are plans; runs in DataLoader workers."""
+
+    def __init__(self, evaluator: RecordEvaluator, pad_id: int, with_cu_seqlens: bool):
+        self.ev = evaluator
+        self.pad_id = pad_id
+        self.with_cu_seqlens = with_cu_seqlens
+
+    def __len__(self) -> int:  # the stream is infinite; the sampler decides
+        return 2 ** 62
+
+    def __getitem__(self, plan: Dict[str, Any]) -> dict:
+        ev = self.ev
+        stats = DataStats(ev.names, ev.recipe.bad_samples.report_first)
+        rows = []
+        for pack in plan["packs"]:
+            docs = []
+            for ref in pack:
+                ref = tuple(ref)
+                try:
+                    docs.append(ev.materialize(ref))
+                except (SampleError, MediaError) as e:
+                    stats.bad(ev.names[ref[0]], e.reason, ev.location(ref[0], ref[1]), str(e))
+                except Exception as e:
+                    stats.bad(ev.names[ref[0]], "unexpected", ev.location(ref[0], ref[1]), f"{type(e).__name__}: {e}")
+            rows.append(docs)
+        r = ev.recipe
+        batch = collate_packs(rows, r.seq_length, self.pad_id, r.packing.reset and r.packing.mode != "none",
+                              ev.num_image_token, ev.tokens.context_ids, ev.image_size, self.with_cu_seqlens)
+        batch["micro_batch"] = plan["micro_batch"]
+        batch["worker_stats"] = stats.state_dict()
+        return batch
+
+
+class _RankPlans(torch.utils.data.Sampler):
+    """Yields this rank's micro-batch plans; records the planner snapshot after each round."""
+
+    def __init__(self, planner: Planner, dp_rank: int, dp_size: int, micro_batch_size: int, first_micro: int):
+        self.planner = planner
+        self.dp_rank, self.dp_size, self.mbs = dp_rank, dp_size, micro_batch_size
+        self.next_micro = first_micro
+        self.snapshots: collections.deque = collections.deque()
+
+    def __iter__(self):
+        while True:
+            packs = [self.planner.next_pack() for _ in range(self.dp_size * self.mbs)]
+            mine = packs[self.dp_rank * self.mbs:(self.dp_rank + 1) * self.mbs]
+            self.snapshots.append((self.next_micro, copy.deepcopy(self.planner.state_dict())))
+            yield {"micro_batch": self.next_micro, "packs": [[list(r) for r in p] for p in mine]}
+            self.next_micro += 1
+
+
+def _identity(x):
+    return x
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+class TrainLoader:
+    """Iterator of micro-batches for one DP rank, with `state_dict()` for exact resume."""
+
+    def __init__(self, recipe: Recipe, evaluator: RecordEvaluator, *, seed: int, dp_rank: int, dp_size: int,
+                 micro_batch_size: int, num_workers: int, state: Optional[dict], vocab_size: int,
+                 planner_threads: int = 2, pin_memory: bool = False, prefetch_factor: int = 2):
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} is outside dp_size {dp_size}")
+        reset = recipe.packing.reset and recipe.packing.mode != "none"
+        if reset and micro_batch_size != 1:
+            raise ValueError(f"{recipe.path}: packing with reset gives cu_seqlens per sequence, which needs "
+                             f"--micro-batch-size 1 (got {micro_batch_size})")
+        self.recipe, self.ev = recipe, evaluator
+        self.dp_rank, self.dp_size, self.mbs = dp_rank, dp_size, micro_batch_size
+        self.fingerprint = evaluator.fingerprint(seed, vocab_size)
+        order = MixtureOrder(evaluator.sizes, recipe.datasets, seed)
+        self.planner = Planner(order, evaluator.names, evaluator.evaluate,
+                               Packer(recipe.packing.mode, recipe.seq_length, recipe.packing.buffers),
+                               recipe.bad_samples.report_first, threads=planner_threads)
+        self.micro_batches = 0
+        if state is not None:
+            self._check_state(state)
+            self.planner.load_state_dict(copy.deepcopy(state["planner"]))
+        self._snapshot = copy.deepcopy(self.planner.state_dict())
+        self.worker_stats = DataStats(evaluator.names, recipe.bad_samples.report_first)
+        self._reported = len(self.planner.stats.reports)
+        self.sampler = _RankPlans(self.planner, dp_rank, dp_size, micro_batch_size, 0)
+        dataset = PackDataset(evaluator, evaluator.tokens.pad_token_id, reset)
+        kwargs = dict(num_workers=num_workers, batch_size=None, sampler=self.sampler, collate_fn=_identity,
+                      pin_memory=pin_memory)
+        if num_workers > 0:
+            kwargs.update(worker_init_fn=_worker_init, prefetch_factor=prefetch_factor, persistent_workers=True)
+        self._dataloader = torch.utils.data.DataLoader(dataset, **kwargs)
+        self._it = None
+
+    def _check_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"data loader state has version {state.get('version') if isinstance(state, dict) else None}, "
+                             f"expected {STATE_VERSION}")
+        if state["fingerprint"] != self.fingerprint:
+            raise ValueError("data loader state was saved for a different recipe, data, seed or tokenizer "
+                             f"(fingerprint {state['fingerprint'][:12]} != {self.fingerprint[:12]}); "
+                             "resuming would not reproduce the sample order")
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._it = iter(self._dataloader)
+        batch = next(self._it)
+        micro = batch.pop("micro_batch")
+        while self.sampler.snapshots and self.sampler.snapshots[0][0] < micro:
+            self.sampler.snapshots.popleft()
+        got, snap = self.sampler.snapshots.popleft()
+        if got != micro:
+            raise RuntimeError(f"data loader out of order: batch {micro}, snapshot {got}")
+        self._snapshot = snap
+        self.micro_batches += 1
+        self.worker_stats.merge(batch.pop("worker_stats"))
+        self._report(snap)
+        bs = self.recipe.bad_samples
+        combined = DataStats(report_first=bs.report_first)
+        combined.load_state_dict(snap["stats"])
+        combined.merge(self.worker_stats.state_dict())
+        combined.check_fraction(bs.max_fraction, bs.min_samples)
+        return batch
+
+    def _report(self, snap: dict) -> None:
+        reports = snap["stats"]["reports"]
+        if self.dp_rank == 0:
+            for r in reports[self._reported:]:
+                logger.warning("bad sample skipped: %s", r)
+        self._reported = len(reports)
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable resume state (identical on all DP ranks after the same step)."""
+        return {"version": STATE_VERSION, "fingerprint": self.fingerprint, "recipe": self.recipe.name,
+                "dp_size": self.dp_size, "micro_batch_size": self.mbs,
+                "planner": copy.deepcopy(self._snapshot)}
+
+    def stats(self) -> dict:
+        """Counters as of the last yielded batch: global planner counters plus this rank's decode failures."""
+        planner = DataStats()
+        planner.load_state_dict(self._snapshot["stats"])
+        return {"planner": planner.state_dict(), "rank_decode": self.worker_stats.state_dict(),
+                "summary": planner.summary(), "packs_consumed": self._snapshot["packs_emitted"]}
+
+    def close(self) -> None:
+        self._it = None
+        self.planner.close()
+
+
+def build_train_loader(recipe: Union[str, Recipe], *, tokenizer, model_config, data_root: str, seed: int = 1234,
+                       dp_rank: int = 0, dp_size: int = 1, micro_batch_size: int = 1, num_workers: int = 2,
+                       state: Optional[dict] = None, cache_dir: Optional[str] = None, planner_threads: int = 2,
+                       pin_memory: bool = False, prefetch_factor: int = 2) -> TrainLoader:
+    """The micro-batch stream of one data-parallel rank (see module docstring for batch and state)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if isinstance(recipe, str):
+        recipe = load_recipe(recipe, data_root)
+    evaluator = RecordEvaluator(recipe, tokenizer, model_config, data_root, cache_dir)
+    vocab = model_config.language.vocab_size
+    if len(tokenizer) > vocab:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model vocabulary is {vocab}")
+    return TrainLoader(recipe, evaluator, seed=seed, dp_rank=dp_rank, dp_size=dp_size,
+                       micro_batch_size=micro_batch_size, num_workers=num_workers, state=state,
+                       vocab_size=len(tokenizer), planner_threads=planner_threads, pin_memory=pin_memory,
+                       prefetch_factor=prefetch_factor)
+
+
+def iter_documents(evaluator: RecordEvaluator, seed: int = 0):
+    """(ds, rec, Document or None, outcome, location, message) in stream order, for inspection."""
+    order = MixtureOrder(evaluator.sizes, evaluator.recipe.datasets, seed)
+    p = 0
+    while True:
+        ds, rec = order.at(p)
+        p += 1
+        loc = evaluator.location(ds, rec)
+        try:
+            doc, outcome = evaluator.document(ds, rec)
+            yield ds, rec, doc, outcome, loc, ""
+        except (SampleError, MediaError) as e:
+            yield ds, rec, None, f"bad:{e.reason}", loc, str(e)
+
+
+__all__ = ["build_train_loader", "TrainLoader", "RecordEvaluator", "iter_documents", "Document"]

@@ -1,0 +1,131 @@
+"""Packing documents into fixed-length sequences, and the tensors of a packed micro-batch.
+
+Owns two things:
+
+- `Packer`: the Long-VITA buffer rule over sample references (indices and lengths only, so its
+  state is small and goes into checkpoints). A document goes to the shortest buffer if it fits;
+  otherwise the longest buffer is emitted (to be padded to the sequence length) and the document
+  starts a new one. `per_source`: one buffer per dataset file (stages 1-2); `shared`: N buffers
+  for all datasets (stages 3-4, N = 2); `none`: every document is its own sequence.
+- `collate_packs`: tokens, pre-shifted labels, loss mask, position ids (reset per document or
+  continuous), cu_seqlens (with reset; trailing padding is its own final segment) and the
+  positions of every visual feature token (`image_indices`, the released HF argument).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+from megatron_vita.data.template import IGNORE_INDEX
+
+# (dataset index, record index, token length, max-frames override or 0)
+SampleRef = Tuple[int, int, int, int]
+
+
+class Packer:
+    """Buffers of SampleRefs; `add` returns the packs it emits (zero or one)."""
+
+    def __init__(self, mode: str, seq_length: int, num_buffers: int = 2):
+        if mode not in ("per_source", "shared", "none"):
+            raise ValueError(f"packing mode must be per_source, shared or none, got {mode!r}")
+        self.mode = mode
+        self.seq_length = seq_length
+        self.num_buffers = num_buffers
+        # key -> list of refs; per_source keys are dataset indices, shared keys 0..N-1.
+        self.buffers: Dict[int, List[SampleRef]] = {}
+
+    def _len(self, key: int) -> int:
+        return sum(r[2] for r in self.buffers.get(key, ()))
+
+    def add(self, ref: SampleRef) -> List[List[SampleRef]]:
+        if ref[2] > self.seq_length:
+            raise ValueError(f"document of {ref[2]} tokens cannot be packed into {self.seq_length}")
+        if self.mode == "none":
+            return [[ref]]
+        if self.mode == "per_source":
+            key = ref[0]
+            if self._len(key) + ref[2] <= self.seq_length:
+                self.buffers.setdefault(key, []).append(ref)
+                return []
+            out = self.buffers[key]
+            self.buffers[key] = [ref]
+            return [out]
+        lens = [self._len(k) for k in range(self.num_buffers)]
+        shortest = min(range(self.num_buffers), key=lambda k: (lens[k], k))
+        if lens[shortest] + ref[2] <= self.seq_length:
+            self.buffers.setdefault(shortest, []).append(ref)
+            return []
+        longest = max(range(self.num_buffers), key=lambda k: (lens[k], -k))
+        out = self.buffers[longest]
+        self.buffers[longest] = [ref]
+        return [out]
+
+    def state_dict(self) -> dict:
+        return {"buffers": [[k, [list(r) for r in v]] for k, v in sorted(self.buffers.items()) if v]}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.buffers = {int(k): [tuple(int(x) for x in r) for r in v] for k, v in d["buffers"]}
+
+
+def collate_packs(rows: Sequence[Sequence[Tuple[Sequence[int], Sequence[int], np.ndarray]]], seq_length: int,
+                  pad_id: int, reset: bool, num_image_token: int, context_ids: Sequence[int],
+                  image_size: int, with_cu_seqlens: bool) -> dict:
+    """Tensors of one micro-batch from `rows[b] = [(input_ids, labels, tiles_uint8), ...]`.
+
+    Documents are laid out in order and padded at the end of each row. Tiles are concatenated in
+    row-major (row, position) order, which is the order of their context-token blocks.
+    """
+    import torch
+
+    from megatron_vita.data.image import normalize_uint8
+
+    b = len(rows)
+    if with_cu_seqlens and b != 1:
+        raise ValueError(f"cu_seqlens (packing with reset) needs micro-batch size 1, got {b}")
+    tokens = np.full((b, seq_length), pad_id, dtype=np.int64)
+    labels = np.full((b, seq_length), IGNORE_INDEX, dtype=np.int64)
+    position_ids = np.tile(np.arange(seq_length, dtype=np.int64), (b, 1))
+    cu = [0]
+    tiles: List[np.ndarray] = []
+    num_docs = 0
+    for i, docs in enumerate(rows):
+        at = 0
+        for ids, lab, pix in docs:
+            n = len(ids)
+            if at + n > seq_length:
+                raise ValueError(f"documents of row {i} exceed the sequence length {seq_length}")
+            tokens[i, at:at + n] = ids
+            labels[i, at:at + n] = lab
+            if reset:
+                position_ids[i, at:at + n] = np.arange(n)
+            at += n
+            cu.append(at)
+            num_docs += 1
+            if len(pix):
+                tiles.append(pix)
+        if reset and at < seq_length:
+            position_ids[i, at:] = np.arange(seq_length - at)
+        if at < seq_length:
+            cu.append(seq_length)
+    is_ctx = np.isin(tokens, np.asarray(list(context_ids), dtype=np.int64))
+    bi, si = np.nonzero(is_ctx)
+    n_tiles = sum(len(t) for t in tiles)
+    if len(bi) != n_tiles * num_image_token:
+        raise ValueError(f"{len(bi)} feature tokens in the batch but {n_tiles} tiles x {num_image_token}")
+    pixels = (normalize_uint8(np.concatenate(tiles)) if tiles
+              else torch.empty((0, 3, image_size, image_size), dtype=torch.float32))
+    labels_t = torch.from_numpy(labels)
+    out = {
+        "tokens": torch.from_numpy(tokens),
+        "labels": labels_t,
+        "loss_mask": (labels_t != IGNORE_INDEX).to(torch.float32),
+        "position_ids": torch.from_numpy(position_ids),
+        "pixel_values": pixels,
+        "image_indices": torch.from_numpy(np.stack([bi, si]).reshape(2, n_tiles, num_image_token)),
+        "num_samples": num_docs,
+    }
+    if with_cu_seqlens:
+        out["cu_seqlens"] = torch.tensor(cu, dtype=torch.int32)
+        out["max_seqlen"] = int(np.diff(cu).max()) if len(cu) > 1 else seq_length
+    return out
