@@ -43,7 +43,7 @@ class RecordEvaluator:
     """Reads records of a recipe's datasets and turns them into Documents (planner and workers)."""
 
     def __init__(self, recipe: Recipe, tokenizer, model_config, data_root: str, cache_dir: Optional[str] = None,
-                 tokens=None):
+                 tokens=None, progress: bool = False):
         from megatron_vita.data.template import token_ids_from_tokenizer
 
         self.recipe = recipe
@@ -56,7 +56,12 @@ class RecordEvaluator:
         self.names = [d.path for d in recipe.datasets]
         self.files: List[Optional[RecordFile]] = []
         self.media_bases: List[str] = []
-        for d in recipe.datasets:
+        entries = recipe.datasets
+        if progress:
+            from tqdm import tqdm
+
+            entries = tqdm(entries, desc="indexing dataset files", unit="file")
+        for d in entries:
             self.files.append(RecordFile(recipe.resolve(self.data_root, d.path), d.format, cache_dir) if d.enabled
                               else None)
             self.media_bases.append(recipe.resolve(self.data_root, d.media_root) if d.media_root else self.data_root)
@@ -259,12 +264,12 @@ class TrainLoader:
 def build_train_loader(recipe: Union[str, Recipe], *, tokenizer, model_config, data_root: str, seed: int = 1234,
                        dp_rank: int = 0, dp_size: int = 1, micro_batch_size: int = 1, num_workers: int = 2,
                        state: Optional[dict] = None, cache_dir: Optional[str] = None, planner_threads: int = 2,
-                       pin_memory: bool = False, prefetch_factor: int = 2) -> TrainLoader:
+                       pin_memory: bool = False, prefetch_factor: int = 2, progress: bool = False) -> TrainLoader:
     """The micro-batch stream of one data-parallel rank (see module docstring for batch and state)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if isinstance(recipe, str):
         recipe = load_recipe(recipe, data_root)
-    evaluator = RecordEvaluator(recipe, tokenizer, model_config, data_root, cache_dir)
+    evaluator = RecordEvaluator(recipe, tokenizer, model_config, data_root, cache_dir, progress=progress)
     vocab = model_config.language.vocab_size
     if len(tokenizer) > vocab:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model vocabulary is {vocab}")
