@@ -118,10 +118,10 @@ class Platform:
 
     def memory_stats(self) -> Dict[str, int]:
         """Bytes in use now and at peak: device memory on cuda/npu, process RSS on cpu."""
-        return {
-            "allocated": int(self.accelerator.memory_allocated()),
-            "max_allocated": int(self.accelerator.max_memory_allocated()),
-        }
+        allocated = int(self.accelerator.memory_allocated())
+        # On cpu the two come from different kernel counters (/proc RSS vs getrusage peak),
+        # and the peak can read a few pages below the current RSS: a peak is never below now.
+        return {"allocated": allocated, "max_allocated": max(allocated, int(self.accelerator.max_memory_allocated()))}
 
     def reset_peak_memory(self) -> None:
         if self.name != "cpu":
@@ -222,6 +222,9 @@ def _patch_megatron(name: str) -> None:
     if name in _PATCHED:
         return
     _quiet_known_warnings()
+    from megatron_vita.parallel import compat
+
+    compat.apply()
     if name == "cpu":
         from megatron_vita.platform import cpu_shim
 

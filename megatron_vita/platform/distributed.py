@@ -111,8 +111,11 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 
                 # arrives shortly, then stop waiting.
                 deadline = min(deadline, time.monotonic() + 3.0)
     finally:
+        # Ranks that reported success get time to exit cleanly; after a failure or a timeout
+        # the rest are stuck in a collective or hung, and waiting for them only delays the error.
+        grace = 5 if len(results) == world_size else 0.5
         for p in procs:
-            p.join(timeout=5 if not errors else 0.5)
+            p.join(timeout=grace)
             if p.is_alive():
                 p.kill()
                 p.join()
