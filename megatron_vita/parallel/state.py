@@ -28,8 +28,7 @@ def initialize_parallel(par: ParallelConfig, seed: int = 1234) -> RankInfo:
     """Build megatron's groups for `par` over the default process group and seed its RNGs."""
     world = torch.distributed.get_world_size()
     par.data_parallel_size(world)  # raises a clear error when the world does not fit the layout
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
+    destroy_parallel()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=par.tp,
         pipeline_model_parallel_size=par.pp,
@@ -51,6 +50,7 @@ def rank_info() -> RankInfo:
 
 
 def destroy_parallel() -> None:
+    """Tear down megatron's groups so that another layout can be built in the same processes."""
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
 

@@ -1,0 +1,89 @@
+"""Helpers shared by the megatron-side tests: tiny multimodal batches and spawned gloo ranks.
+
+Rank functions passed to `spawn` must live at module level in an importable module (the
+spawned interpreter imports them by name); this file and the test modules qualify because
+pytest puts their directories on sys.path, which spawned children inherit.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List
+
+import torch
+
+IGNORE = -100
+
+
+def spawn(fn, world: int, *args, timeout: float = 300):
+    """Run fn(rank, world, *args) on `world` CPU ranks over gloo; results by rank."""
+    from megatron_vita.platform import spawn as platform_spawn
+
+    return platform_spawn(fn, world, *args, timeout=timeout, backend="cpu")
+
+
+def text_ids(cfg, n: int, gen: torch.Generator) -> List[int]:
+    high = min([cfg.tokens.bos_token_id, cfg.tokens.im_start_token_id, *cfg.tokens.special.values()])
+    return torch.randint(0, high, (n,), generator=gen).tolist()
+
+
+def sample(cfg, kind: str, seq_len: int, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+    """One sequence of `seq_len` tokens: text, or text around an image (1 or 3 tiles) or video frames.
+
+    Labels are pre-shifted (labels[t] = tokens[t+1]) on a supervised tail, -100 elsewhere.
+    """
+    from megatron_vita.data.template import image_token_ids, video_token_ids
+
+    T, size = cfg.num_image_token, cfg.vision.image_size
+    if kind == "text":
+        media, n_tiles = [], 0
+    elif kind == "image1":
+        media, n_tiles = image_token_ids(1, (1, 1), cfg.tokens, T, []), 1
+    elif kind == "image3":
+        media, n_tiles = image_token_ids(3, (1, 2), cfg.tokens, T, text_ids(cfg, 1, gen)), 3
+    elif kind == "video2":
+        media, n_tiles = video_token_ids(2, cfg.tokens, T), 2
+    else:
+        raise ValueError(kind)
+    prefix = text_ids(cfg, 3, gen)
+    rest = seq_len - len(prefix) - len(media)
+    assert rest > 4, "sequence too short for its media"
+    tokens = torch.tensor(prefix + media + text_ids(cfg, rest, gen))
+    labels = torch.full_like(tokens, IGNORE)
+    start = len(prefix) + len(media)
+    labels[start:-1] = tokens[start + 1:]
+    return {
+        "tokens": tokens[None],
+        "labels": labels[None],
+        "loss_mask": (labels != IGNORE).float()[None],
+        "pixel_values": torch.randn(n_tiles, 3, size, size, generator=gen),
+    }
+
+
+def multimodal_batch(cfg, kinds=("image1", "image3", "text", "video2"), seq_len: int = 32,
+                     seed: int = 0) -> List[Dict[str, torch.Tensor]]:
+    """Micro-batches of size 1, one per kind."""
+    gen = torch.Generator().manual_seed(seed)
+    return [sample(cfg, k, seq_len, gen) for k in kinds]
+
+
+def collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """Samples of equal length -> one batch (tiles concatenated in row-major token order)."""
+    return {
+        "tokens": torch.cat([s["tokens"] for s in samples]),
+        "labels": torch.cat([s["labels"] for s in samples]),
+        "loss_mask": torch.cat([s["loss_mask"] for s in samples]),
+        "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
+    }
+
+
+def tiny_checkpoint(path: str, seed: int = 0) -> str:
+    """A tiny random Long-VITA HF checkpoint at `path` (created once, reused)."""
+    from megatron_vita.hf.tiny import create_tiny
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        create_tiny(path, preset="tiny", seed=seed)
+    return path
+
+
+def rel_diff(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
