@@ -1,0 +1,126 @@
+"""platform.spawn over real gloo: per-rank results, a failing rank's traceback, a hung rank's timeout.
+
+Also the cpu Platform's memory statistics and RNG round trip, checked inside a spawned rank
+(where activate() ran), so the pytest process never activates a backend.
+"""
+import time
+
+import pytest
+
+from megatron_vita.platform import DistributedRunError, spawn
+
+HANG_TIMEOUT = 20
+
+
+def _all_reduce_rank(rank, world_size, offset):
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(rank + offset)])
+    dist.all_reduce(t)
+    return {"rank": rank, "world": dist.get_world_size(), "backend": dist.get_backend(), "sum": t.item()}
+
+
+def test_spawn_returns_per_rank_results_over_gloo():
+    results = spawn(_all_reduce_rank, 2, 10, timeout=120)
+    assert results == [
+        {"rank": 0, "world": 2, "backend": "gloo", "sum": 21.0},
+        {"rank": 1, "world": 2, "backend": "gloo", "sum": 21.0},
+    ]
+
+
+def _failing_rank(rank, world_size):
+    if rank == 1:
+        raise ValueError(f"deliberate failure on rank {rank}")
+    return rank
+
+
+def test_failing_rank_reports_its_traceback():
+    start = time.monotonic()
+    with pytest.raises(DistributedRunError) as e:
+        spawn(_failing_rank, 2, timeout=120)
+    msg = str(e.value)
+    assert "--- rank 1 ---" in msg and "Traceback" in msg
+    assert "ValueError: deliberate failure on rank 1" in msg
+    assert "in _failing_rank" in msg
+    # Rank 0 waits in the closing barrier for a peer that is gone: spawn must not wait for it.
+    assert time.monotonic() - start < 60
+
+
+def _hanging_rank(rank, world_size):
+    if rank == 1:
+        time.sleep(3600)
+    return rank
+
+
+def test_hung_rank_fails_within_the_timeout():
+    start = time.monotonic()
+    with pytest.raises(DistributedRunError, match=rf"timed out after {HANG_TIMEOUT}s") as e:
+        spawn(_hanging_rank, 2, timeout=HANG_TIMEOUT)
+    elapsed = time.monotonic() - start
+    assert HANG_TIMEOUT <= elapsed < HANG_TIMEOUT + 5, f"took {elapsed:.1f}s"
+    assert "ranks finished: []" in str(e.value)  # rank 0 returned but never got past the barrier
+
+
+def _platform_state_rank(rank, world_size):
+    import gc
+
+    import torch
+
+    from megatron_vita import platform
+    from megatron_vita.platform import cpu_shim
+
+    plat = platform.current()
+    out = {"name": plat.name, "dist_backend": plat.dist_backend, "device": str(plat.device()),
+           "same_on_reactivate": platform.activate("cpu") is plat, "shim": cpu_shim.is_installed()}
+
+    before = plat.memory_stats()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written so that it is resident
+    during = plat.memory_stats()
+    del block
+    gc.collect()
+    after = plat.memory_stats()
+    out["memory"] = {"before": before, "during": during, "after": after}
+
+    plat.manual_seed(7)
+    first = torch.rand(5).tolist()
+    plat.manual_seed(7)
+    state = plat.get_rng_state()
+    replay = torch.rand(5).tolist()
+    plat.set_rng_state(state)
+    restored = torch.rand(5).tolist()
+    out["rng"] = {"keys": sorted(state), "first": first, "replay": replay, "restored": restored,
+                  "next": torch.rand(5).tolist()}
+    return out
+
+
+@pytest.fixture(scope="module")
+def cpu_platform_state():
+    (out,) = spawn(_platform_state_rank, 1, timeout=120)
+    return out
+
+
+def test_cpu_platform_identity(cpu_platform_state):
+    s = cpu_platform_state
+    assert (s["name"], s["dist_backend"], s["device"]) == ("cpu", "gloo", "cpu")
+    assert s["same_on_reactivate"] is True and s["shim"] is True
+
+
+def test_cpu_memory_stats_follow_process_memory(cpu_platform_state):
+    m = cpu_platform_state["memory"]
+    for stats in m.values():
+        assert set(stats) == {"allocated", "max_allocated"} and all(isinstance(v, int) for v in stats.values())
+        assert stats["max_allocated"] >= stats["allocated"] > 0
+    assert m["during"]["allocated"] - m["before"]["allocated"] >= 56 * 2**20
+    assert m["during"]["allocated"] - m["after"]["allocated"] >= 56 * 2**20  # freed: RSS drops again
+    # The peak is remembered after the block is freed. Linux keeps RSS in per-CPU batched
+    # counters, so the peak (getrusage) and the RSS (/proc) may disagree by a few hundred KiB.
+    assert m["after"]["max_allocated"] >= m["during"]["allocated"] - 2**20
+
+
+def test_cpu_rng_state_round_trip(cpu_platform_state):
+    r = cpu_platform_state["rng"]
+    assert r["keys"] == ["cpu"]
+    assert r["replay"] == r["first"]  # manual_seed is deterministic
+    assert r["restored"] == r["replay"]  # set_rng_state rewinds
+    assert r["next"] != r["restored"]
