@@ -91,15 +91,21 @@ def _motion_frames(rng, n: int) -> Tuple[List[np.ndarray], str]:
 
 
 def write_mp4(path: str, frames: List[np.ndarray], fps: int) -> None:
-    """H.264 MP4 with PyAV (single-threaded encoder: identical bytes for identical frames)."""
+    """H.264 MP4 with PyAV: identical bytes for identical frames.
+
+    x264's default rate control (CRF with macroblock-tree) is not bit-reproducible run to run;
+    a constant quantiser with one thread is.
+    """
     import av
 
     with av.open(path, mode="w") as c:
-        s = c.add_stream("libx264", rate=fps, options={"threads": "1"})
+        s = c.add_stream("libx264", rate=fps, options={"threads": "1", "qp": "18"})
         s.height, s.width = frames[0].shape[:2]
         s.pix_fmt = "yuv420p"
-        for f in frames:
-            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+        for i, f in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(f, format="rgb24")
+            frame.pts = i
+            for p in s.encode(frame):
                 c.mux(p)
         for p in s.encode():
             c.mux(p)
