@@ -128,7 +128,7 @@ class Qwen2Model(GPTModel):
     """GPTModel whose tail is `models.heads` (logits or per-token loss, optionally masked)."""
 
     def __init__(self, config: TransformerConfig, lm: LanguageConfig, vocab_size: int, pre_process: bool = True,
-                 post_process: bool = True, layer_spec: Optional[ModuleSpec] = None):
+                 post_process: bool = True, layer_spec: Optional[ModuleSpec] = None, mask_logits: bool = True):
         super().__init__(
             config=config,
             transformer_layer_spec=qwen2_block_spec(config, layer_spec),
@@ -144,6 +144,8 @@ class Qwen2Model(GPTModel):
             # first and scatters them to sequence-parallel ranks itself.
             scatter_embedding_sequence_parallel=False,
         )
+        # Training loss from logits at supervised positions only (heads.masked_language_model_loss).
+        self.mask_logits = mask_logits
 
     def forward(
         self,
@@ -158,7 +160,10 @@ class Qwen2Model(GPTModel):
         runtime_gather_output: Optional[bool] = None,
         logits_positions: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Returns hidden states (not the last stage), per-token losses (labels given) or logits.
+        """Returns hidden states (not the last stage), losses (labels given) or logits.
+
+        Losses are per supervised token [k] with the logits mask (the default when loss_mask is
+        given), else per position [b, s] with zeros where unsupervised: their sums agree.
 
         `decoder_input` [s, b, h] (already sequence-parallel scattered when SP is on) comes from
         the combined model; on stages without the embedding it is None.
@@ -179,6 +184,8 @@ class Qwen2Model(GPTModel):
         if not self.post_process:
             return hidden
         if labels is not None:
+            if self.mask_logits and loss_mask is not None:
+                return heads.masked_language_model_loss(self.output_layer, hidden, labels, loss_mask, self.config)
             return heads.language_model_loss(self.output_layer, hidden, labels, loss_mask, self.config)
         return heads.language_model_logits(self.output_layer, hidden, self.config, positions=logits_positions,
                                            gather_output=bool(runtime_gather_output))

@@ -35,6 +35,8 @@ class BuildOptions:
     recompute_granularity: Optional[str] = None
     recompute_method: Optional[str] = None
     recompute_num_layers: Optional[int] = None
+    # Long-VITA's logits-masked LM head in training (full logits when False).
+    logits_mask: bool = True
 
 
 def chunk_layers(model_config: ModelConfig, par: ParallelConfig, pp_rank: int, vp: int = 0) -> List[int]:
@@ -68,5 +70,6 @@ def build_model_chunks(
                 model_config, config, vocab,
                 pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
                 language_layer_spec=language_layer_spec, vision_layer_spec=vision_layer_spec,
+                mask_logits=options.logits_mask,
             ))
     return chunks

@@ -52,6 +52,7 @@ class LongVITAModel(MegatronModule):
         post_process: bool = True,
         language_layer_spec: Optional[ModuleSpec] = None,
         vision_layer_spec: Optional[ModuleSpec] = None,
+        mask_logits: bool = True,
     ):
         super().__init__(config=language_config)
         self.model_config = model_config
@@ -67,7 +68,7 @@ class LongVITAModel(MegatronModule):
             self.vision_projection = VisionProjector(vision_config, model_config)
         self.language_model = Qwen2Model(language_config, model_config.language, vocab_size,
                                          pre_process=pre_process, post_process=post_process,
-                                         layer_spec=language_layer_spec)
+                                         layer_spec=language_layer_spec, mask_logits=mask_logits)
 
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
@@ -108,7 +109,7 @@ class LongVITAModel(MegatronModule):
         runtime_gather_output: Optional[bool] = None,
         logits_positions: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Per-token losses [b, s] when labels are given, else logits; hidden states off the last stage."""
+        """Losses when labels are given (see Qwen2Model.forward), else logits; hidden states off the last stage."""
         decoder_input = self.embed(input_ids, position_ids, pixel_values, image_indices) if self.pre_process else None
         return self.language_model(
             input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
