@@ -16,6 +16,16 @@ the transform between them and how the megatron tensor splits over tensor-parall
 
 Everything works tensor by tensor, so converters can stream: `verify`, `convert`, training's
 HF initialisation and HF export all go through these functions.
+
+Megatron checkpoints in the wild name the same tensors differently. `NAMINGS` declares each
+variant as ordered regex renames of this project's names (values and sharding are identical):
+  mcore      this project's names (`language_model.`, `vision_model.`, `vision_projection.`)
+  mindspeed  released MindSpeed weights: LLM at the top level, ViT under
+             `external_feature_model.vit.`, projector under `external_feature_model.`, and a
+             dummy `unused` [hidden] tensor
+  te         released `*_MG` weights: mindspeed names with TransformerEngine's fused norms
+             (`linear_qkv.layer_norm_weight`, `mlp.linear_fc1.layer_norm_weight`, `_bias`)
+`sharded_key` gives the dist-checkpoint key of a name (layer index moved to a prepended axis).
 """
 from __future__ import annotations
 
@@ -214,8 +224,13 @@ def shard(param: Param, full: torch.Tensor, tp: int, rank: int, padded_vocab: Op
     if kind == "replicated" or tp == 1 and kind != "vocab":
         return full
     if kind == "vocab":
-        full = pad_vocab(full, padded_vocab if padded_vocab is not None else full.shape[0])
-        return full.chunk(tp, dim=0)[rank]
+        # Pad only the piece that reaches past the vocabulary: the full padded table is never built.
+        rows = padded_vocab if padded_vocab is not None else full.shape[0]
+        if full.shape[0] > rows or rows % tp:
+            raise ValueError(f"vocabulary of {full.shape[0]} rows does not fit the padded size {rows} at TP {tp}")
+        per = rows // tp
+        piece = full[rank * per:min((rank + 1) * per, full.shape[0])]
+        return piece if piece.shape[0] == per else pad_vocab(piece, per)
     if kind == "column":
         return full.chunk(tp, dim=0)[rank]
     if kind == "row":
@@ -268,3 +283,72 @@ def iter_model_params(state_dict_keys: Sequence[str]) -> Iterator[str]:
 
 
 TensorSource = Callable[[str], torch.Tensor]
+
+
+# ---- naming variants of Megatron checkpoints ----------------------------------------------------
+
+_MINDSPEED = (
+    (r"^language_model\.", ""),
+    (r"^vision_model\.", "external_feature_model.vit."),
+    (r"^vision_projection\.layernorm\.", "external_feature_model.pre_proj_layernorm."),
+    (r"^vision_projection\.", "external_feature_model.vision_projection.encoder."),
+)
+# TransformerEngine fuses each pre-norm into the linear that follows it.
+_TE_NORMS = (
+    (r"(^|\.)decoder\.layers\.(\d+)\.input_layernorm\.(weight|bias)$",
+     r"\1decoder.layers.\2.self_attention.linear_qkv.layer_norm_\3"),
+    (r"(^|\.)decoder\.layers\.(\d+)\.pre_mlp_layernorm\.(weight|bias)$",
+     r"\1decoder.layers.\2.mlp.linear_fc1.layer_norm_\3"),
+)
+NAMINGS: Dict[str, Tuple[Tuple[str, str], ...]] = {
+    "mcore": (),
+    "mindspeed": _MINDSPEED,
+    "te": _TE_NORMS + _MINDSPEED,
+}
+_COMPILED = {k: tuple((re.compile(p), r) for p, r in v) for k, v in NAMINGS.items()}
+# Tensors a variant carries that are not model parameters (written as zeros [hidden_size]).
+DUMMIES: Dict[str, Tuple[str, ...]] = {"mindspeed": ("unused",)}
+# Entries of a Megatron state dict that hold no weights of the model.
+IGNORED = re.compile(r"(\._extra_state$|^unused$)")
+# Megatron linear layers keep an `_extra_state` entry (None without TransformerEngine's FP8).
+LINEAR_LEAVES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+def rename(name: str, naming: str) -> str:
+    """This project's megatron-core name (local or global layer index) in another naming."""
+    if naming not in _COMPILED:
+        raise ValueError(f"unknown naming {naming!r}; choose one of {sorted(NAMINGS)}")
+    for pat, repl in _COMPILED[naming]:
+        name = pat.sub(repl, name)
+    return name
+
+
+def detect_naming(names: Sequence[str]) -> str:
+    """Which variant a Megatron state dict's keys use (raises when none fits)."""
+    params = [n for n in names if not IGNORED.search(n)]
+    if any(n.startswith((LLM, VIT, PROJ)) for n in params):
+        return "mcore"
+    if any(".layer_norm_weight" in n for n in params):
+        return "te"
+    if any(n.startswith(("embedding.", "decoder.", "output_layer.", "external_feature_model.")) for n in params):
+        return "mindspeed"
+    raise ValueError(f"cannot tell the naming of a Megatron state dict with keys like {list(params)[:4]}: expected "
+                     "this project's names (language_model.*), MindSpeed names (decoder.*, "
+                     "external_feature_model.*) or TransformerEngine names (*.layer_norm_weight)")
+
+
+_LAYER = re.compile(r"^((?:.*\.)?decoder\.layers\.)(\d+)\.(.*)$")
+
+
+def sharded_key(name: str) -> Tuple[str, Optional[int]]:
+    """Dist-checkpoint key and layer index of a (global) name: layers share one key."""
+    m = _LAYER.match(name)
+    return (m.group(1) + m.group(3), int(m.group(2))) if m else (name, None)
+
+
+def extra_state_owner(name: str) -> Optional[str]:
+    """The module (name prefix) whose `_extra_state` sits beside parameter `name`, if any."""
+    module, _, leaf = name.rpartition(".")
+    if leaf == "weight" and module.rsplit(".", 1)[-1] in LINEAR_LEAVES:
+        return module
+    return None

@@ -4,6 +4,8 @@
 HFCheckpoint, a dict): each parameter is read, transformed to the megatron layout, cut to this
 rank's TP piece and checked against the parameter's shape. Nothing is silently skipped: a
 parameter with no source, or a shape that disagrees, is an error naming the key and shapes.
+`load_full_weights` does the same from full megatron-core tensors (a converter source), and
+`load_checkpoint_weights` fills chunks from a checkpoint of any kind (HF, legacy, torch_dist).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from megatron.core import parallel_state as ps
 from megatron_vita.checkpoint import mapping
 from megatron_vita.config.model import ModelConfig
 from megatron_vita.config.parallel import ParallelConfig
-from megatron_vita.models.long_vita.builder import chunk_layers
+from megatron_vita.models.long_vita.builder import chunk_layers, padded_vocab_size
 
 TensorSource = Union[Callable[[str], torch.Tensor], Dict[str, torch.Tensor]]
 
@@ -61,3 +63,74 @@ def load_hf_weights(chunks: Sequence[torch.nn.Module], source: TensorSource, mod
             target.copy_(piece.to(target.dtype))
             used.extend(param.hf_names)
     return used
+
+
+@torch.no_grad()
+def load_full_weights(chunks: Sequence[torch.nn.Module], full_of: Callable[[mapping.Param], torch.Tensor],
+                      model_config: ModelConfig, par: ParallelConfig, where: str = "source") -> None:
+    """Copy full megatron-core tensors (`full_of(param)`, e.g. a converter source's `full`) into the chunks."""
+    tp, tp_rank, pp_rank = par.tp, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    for vp, chunk in enumerate(chunks):
+        layers = chunk_layers(model_config, par, pp_rank, vp)
+        for local, target in chunk_parameters(chunk).items():
+            param = mapping.lookup(mapping.local_to_global(local, layers))
+            full = full_of(param)
+            padded = target.shape[0] * tp if param.rule.shard == "vocab" else None
+            piece = mapping.shard(param, full, tp, tp_rank, padded)
+            if piece.shape != target.shape:
+                raise ValueError(f"shape mismatch for '{param.name}' from {where}: it gives {tuple(piece.shape)} for "
+                                 f"TP rank {tp_rank}/{tp}, the model expects {tuple(target.shape)}")
+            target.copy_(piece.to(target.dtype))
+
+
+def load_checkpoint_weights(chunks: Sequence[torch.nn.Module], kind: str, path: str, model_config: ModelConfig,
+                            par: ParallelConfig, make_vocab_size_divisible_by: int = 1) -> str:
+    """Fill this rank's chunks from a checkpoint of any kind; returns how it was loaded.
+
+    HF: `load_hf_weights`. torch_dist in this project's names whose vocabulary padding fits
+    the chunks: megatron's own `dist_checkpointing.load` (what training does). Anything else
+    (legacy files, MindSpeed/TE names, other padding): the converter's streaming readers.
+    """
+    if kind == "hf":
+        from megatron_vita.checkpoint.hf_io import HFCheckpoint
+
+        load_hf_weights(chunks, HFCheckpoint(path), model_config, par)
+        return "HF weights"
+    from megatron_vita.checkpoint.convert import megatron_format_of
+
+    if megatron_format_of(path) == "torch_dist":
+        from megatron_vita.checkpoint.dist_format import DistSource
+
+        source = DistSource(path, model_config)
+        emb = next(p for p in mapping.all_params(model_config) if p.rule.shard == "vocab")
+        rows = source.tensors.get(mapping.sharded_key(emb.name)[0])
+        # Decided from the layout alone, so that every rank takes the same (collective) path.
+        chunk_rows = padded_vocab_size(model_config.language.vocab_size, par.tp, make_vocab_size_divisible_by)
+        if source.naming == "mcore" and rows is not None and rows.size[0] == chunk_rows:
+            _dist_load(chunks, source.iter_dir)
+            return "megatron dist_checkpointing.load"
+    else:
+        from megatron_vita.checkpoint.legacy_format import LegacySource
+
+        source = LegacySource(path, model_config)
+    load_full_weights(chunks, source.full, model_config, par, where=path)
+    source.close()
+    return f"streamed from {source.format} ({source.naming} names)"
+
+
+def _dist_load(chunks: Sequence[torch.nn.Module], iter_dir: str) -> None:
+    from megatron.core import dist_checkpointing
+
+    from megatron_vita.parallel.state import virtual_pipeline_rank
+
+    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    template = {}
+    for i, (key, chunk) in enumerate(zip(keys, chunks)):
+        with virtual_pipeline_rank(i):
+            template[key] = chunk.sharded_state_dict()
+    state = dist_checkpointing.load(template, iter_dir)
+    for key, chunk in zip(keys, chunks):
+        missing, unexpected = chunk.load_state_dict(state[key], strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise ValueError(f"{iter_dir}: model keys do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")

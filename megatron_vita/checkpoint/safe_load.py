@@ -44,3 +44,37 @@ def safe_torch_load(path: str, map_location: Any = "cpu", mmap: bool = False) ->
             f"refusing to load {path}: its pickle needs objects outside the weights-only allow-list "
             f"(torch says: {str(e).splitlines()[0]}). If you trust this file, re-save it as tensors only."
         ) from None
+
+
+class MmapCache:
+    """Open torch checkpoint files memory-mapped, and unmap them all once a byte budget is read.
+
+    A mapped page a conversion has read stays resident and counts in the process RSS until the
+    file is unmapped, so without a budget RSS would grow to the whole checkpoint. Callers copy
+    what they read (never keep views) and report the bytes with `touched`.
+    """
+
+    def __init__(self, budget_bytes: int = 1 << 30):
+        self.budget = budget_bytes
+        self._open: dict = {}
+        self._touched = 0
+
+    def get(self, path: str) -> Any:
+        if path not in self._open:
+            try:
+                self._open[path] = safe_torch_load(path, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                # Files from torch < 1.6 (not zip) cannot be mapped: load them whole.
+                self._open[path] = safe_torch_load(path)
+        return self._open[path]
+
+    def touched(self, nbytes: int) -> None:
+        self._touched += nbytes
+        if self._touched >= self.budget:
+            self.release()
+
+    def release(self) -> None:
+        self._open.clear()
+        self._touched = 0

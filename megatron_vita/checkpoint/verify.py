@@ -1,25 +1,31 @@
-"""`megatron-vita verify`: the same inputs through the HF model and the megatron-core model.
+"""`megatron-vita verify`: the same inputs through two checkpoints, compared logit by logit.
 
-The HF reference runs in this process with transformers (LongVITAForCausalLM). The megatron
-side runs at the requested layout (TP/PP/VPP/SP) on real process groups: under torchrun it uses
-the launched ranks, otherwise it spawns TP*PP local ranks itself. Inputs: a text sequence, an
-image (tiled exactly like training data) with text around it, and video frames with text.
-Logits are compared per position; the last line printed is
+Reference: a HF checkpoint run by transformers (`--hf`), or a Megatron checkpoint
+(`--reference-megatron`). Candidate: megatron-core at a layout (TP/PP/VPP/SP) loaded from the
+reference's HF weights (the default), megatron-core loaded from a Megatron checkpoint of any
+format, layout and naming (`--megatron`, at the checkpoint's own layout unless --tp/--pp/--vpp
+are given), or a second HF checkpoint (`--candidate-hf`). megatron-core runs on TP*PP spawned
+ranks over real process groups. Inputs: a text sequence, an image (tiled exactly like training
+data) with text around it, and video frames with text. Logits are compared per position; the
+last line printed is
 
     verify: cosine=<min cosine> max_abs=<max |diff|> top1=<agreement %>
 
 and the exit status is 1 when, in fp32, cosine < 0.9999 or top-1 agreement < 100%.
+`megatron-vita convert --verify` runs the same comparison between its input and output.
 """
 from __future__ import annotations
 
 import argparse
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 COSINE_MIN, TOP1_MIN = 0.9999, 100.0
+_DEFAULT_LAYOUT = dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                       virtual_pipeline_model_parallel_size=None, sequence_parallel=False)
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -112,32 +118,106 @@ def hf_logits(hf_dir: str, inputs: List[VerifyInput], dtype: str = "fp32") -> Li
     return out
 
 
-def megatron_logits_rank(rank: int, world: int, hf_dir: str, layout: Dict, inputs: List[VerifyInput],
-                         dtype: str) -> Optional[List["torch.Tensor"]]:
-    """Runs on every rank: build the layout, load HF weights, forward each input through the pipeline."""
+def megatron_logits_rank(rank: int, world: int, cfg_dict: Dict, weights: Tuple[str, str, int], layout: Dict,
+                         inputs: List[VerifyInput], dtype: str) -> Optional[List["torch.Tensor"]]:
+    """Runs on every rank: build the layout, load the weights, forward each input through the pipeline.
+
+    weights = (kind "hf" | "megatron", path, vocab padding divisor of the build).
+    """
     import torch
 
-    from megatron_vita.checkpoint.hf_io import HFCheckpoint
-    from megatron_vita.checkpoint.model_io import load_hf_weights
+    from megatron_vita.checkpoint.model_io import load_checkpoint_weights
     from megatron_vita.config import ModelConfig, ParallelConfig
     from megatron_vita.models.long_vita.builder import BuildOptions, build_model_chunks
     from megatron_vita.parallel.pipeline import forward_only
     from megatron_vita.parallel.state import destroy_parallel, initialize_parallel
 
-    cfg = ModelConfig.from_hf_dir(hf_dir)
+    cfg = ModelConfig.from_dict(cfg_dict)
+    kind, path, divisor = weights
     par = ParallelConfig(**layout).validate(cfg, world)
     info = initialize_parallel(par)
     try:
-        chunks = build_model_chunks(cfg, par, BuildOptions(params_dtype=getattr(torch, DTYPES[dtype])))
-        load_hf_weights(chunks, HFCheckpoint(hf_dir), cfg, par)
+        chunks = build_model_chunks(cfg, par, BuildOptions(params_dtype=getattr(torch, DTYPES[dtype]),
+                                                           make_vocab_size_divisible_by=divisor))
+        how = load_checkpoint_weights(chunks, kind, path, cfg, par, divisor)
         results = []
         for inp in inputs:
             logits = forward_only(chunks, [{"tokens": inp.input_ids, "pixel_values": inp.pixel_values}])
             results.append(None if logits is None else logits[0][..., :cfg.language.vocab_size].float())
         keep = info.tp_rank == 0 and info.dp_rank == 0 and results[0] is not None
-        return results if keep else None
+        return (results, how) if keep else None
     finally:
         destroy_parallel()
+
+
+@dataclass
+class CheckpointRef:
+    """One side of a comparison: a checkpoint, and how to run it.
+
+    kind "hf" runs transformers (or megatron-core loaded from the HF weights when a layout is
+    given); kind "megatron" runs megatron-core loaded from a Megatron checkpoint of any format,
+    layout and naming, at its own layout unless one is given. `model` is the config spec for
+    Megatron checkpoints that carry none (released MindSpeed / TE weights).
+    """
+
+    kind: str
+    path: str
+    model: Optional[str] = None
+    layout: Optional[Dict] = None
+
+    def config(self):
+        from megatron_vita.config.model import ModelConfig, resolve_model_config
+
+        if self.kind == "hf":
+            return ModelConfig.from_hf_dir(self.path)
+        if self.kind != "megatron":
+            raise ValueError(f"unknown checkpoint kind {self.kind!r}: use hf or megatron")
+        return self._source().cfg
+
+    def _source(self):
+        from megatron_vita.checkpoint.convert import open_source
+
+        source = open_source("megatron", self.path, self.model)
+        source.close()
+        return source
+
+    def resolved_layout(self) -> Tuple[Optional[Dict], int]:
+        """(megatron layout or None for transformers, vocab padding divisor)."""
+        if self.kind == "hf":
+            return self.layout, 1
+        source = self._source()
+        lay = source.layout
+        default = dict(tensor_model_parallel_size=lay.tp, pipeline_model_parallel_size=lay.pp,
+                       virtual_pipeline_model_parallel_size=lay.vpp, sequence_parallel=False,
+                       num_layers_in_first_pipeline_stage=lay.first_stage_layers,
+                       num_layers_in_last_pipeline_stage=lay.last_stage_layers)
+        return {**default, **(self.layout or {})}, lay.make_vocab_size_divisible_by
+
+    def describe(self, layout: Optional[Dict]) -> str:
+        if layout is None:
+            return f"HF transformers {self.path}"
+        tp, pp = layout.get("tensor_model_parallel_size", 1), layout.get("pipeline_model_parallel_size", 1)
+        vpp, sp = layout.get("virtual_pipeline_model_parallel_size"), layout.get("sequence_parallel")
+        return (f"megatron-core at TP={tp} PP={pp}" + (f" VPP={vpp}" if vpp else "") + (" SP" if sp else "")
+                + f" on {tp * pp} ranks from {'HF ' if self.kind == 'hf' else 'Megatron '}{self.path}")
+
+
+def logits_of(ref: CheckpointRef, cfg, inputs: List[VerifyInput], dtype: str = "fp32", timeout: float = 900,
+              backend: Optional[str] = None, run: Optional[Tuple[Optional[Dict], int]] = None
+              ) -> Tuple[List["torch.Tensor"], str]:
+    """Logits of every input on one side; returns (logits, description)."""
+    from megatron_vita import platform
+    from megatron_vita.config import ParallelConfig
+
+    layout, divisor = run if run is not None else ref.resolved_layout()
+    if layout is None:
+        return hf_logits(ref.path, inputs, dtype), ref.describe(None)
+    world = layout.get("tensor_model_parallel_size", 1) * layout.get("pipeline_model_parallel_size", 1)
+    ParallelConfig(**layout).validate(cfg, world)
+    per_rank = platform.spawn(megatron_logits_rank, world, cfg.to_dict(), (ref.kind, ref.path, divisor), layout,
+                              inputs, dtype, timeout=timeout, backend=backend)
+    results, how = next(r for r in per_rank if r is not None)
+    return results, f"{ref.describe(layout)} ({how})"
 
 
 def compare(reference: "torch.Tensor", candidate: "torch.Tensor") -> Dict[str, float]:
@@ -155,29 +235,30 @@ def compare(reference: "torch.Tensor", candidate: "torch.Tensor") -> Dict[str, f
     }
 
 
-def verify(hf_dir: str, tp: int = 1, pp: int = 1, vpp: Optional[int] = None, sequence_parallel: bool = False,
-           image: Optional[str] = None, video: Optional[str] = None, dtype: str = "fp32", seed: int = 0,
-           max_tiles: int = 12, max_frames: int = 8, timeout: float = 900, backend: Optional[str] = None,
-           log=print) -> Dict[str, float]:
-    """Compare HF and megatron logits; returns the summary (min cosine, max |diff|, top-1 %)."""
-    from megatron_vita import platform
-    from megatron_vita.config import ModelConfig, ParallelConfig
+def verify_pair(reference: CheckpointRef, candidate: CheckpointRef, image: Optional[str] = None,
+                video: Optional[str] = None, dtype: str = "fp32", seed: int = 0, max_tiles: int = 12,
+                max_frames: int = 8, timeout: float = 900, backend: Optional[str] = None, log=print) -> Dict[str, float]:
+    """Compare the logits of two checkpoints; returns the summary (min cosine, max |diff|, top-1 %, passed)."""
+    cfg = reference.config()
+    other = candidate.config()
+    if other.to_hf_dict() != cfg.to_hf_dict():
+        a, b = cfg.to_hf_dict(), other.to_hf_dict()
+        diffs = [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        raise ValueError(f"{reference.path} and {candidate.path} describe different models: " + "; ".join(diffs))
+    ref_run, cand_run = reference.resolved_layout(), candidate.resolved_layout()
+    if cand_run[0] is not None:
+        from megatron_vita.config import ParallelConfig
 
-    cfg = ModelConfig.from_hf_dir(hf_dir)
-    layout = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                  virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sequence_parallel)
-    ParallelConfig(**layout).validate(cfg, tp * pp)
+        ParallelConfig(**cand_run[0]).validate(cfg)  # a bad layout fails before the reference runs
     inputs = build_inputs(cfg, image, video, seed, max_tiles, max_frames)
     for inp in inputs:
         log(f"verify: input {inp.name}: {inp.input_ids.shape[1]} tokens" + (f", {inp.media}" if inp.media else ""))
-    reference = hf_logits(hf_dir, inputs, dtype)
-    log(f"verify: HF reference done; running megatron-core at TP={tp} PP={pp}"
-        + (f" VPP={vpp}" if vpp else "") + (" SP" if sequence_parallel else "") + f" on {tp * pp} ranks")
-    per_rank = platform.spawn(megatron_logits_rank, tp * pp, hf_dir, layout, inputs, dtype,
-                              timeout=timeout, backend=backend)
-    candidate = next(r for r in per_rank if r is not None)
+    ref_logits, ref_desc = logits_of(reference, cfg, inputs, dtype, timeout, backend, ref_run)
+    log(f"verify: reference done ({ref_desc}); running {candidate.describe(cand_run[0])}")
+    cand_logits, cand_desc = logits_of(candidate, cfg, inputs, dtype, timeout, backend, cand_run)
+    log(f"verify: candidate done ({cand_desc})")
     stats = []
-    for inp, ref, cand in zip(inputs, reference, candidate):
+    for inp, ref, cand in zip(inputs, ref_logits, cand_logits):
         s = compare(ref, cand)
         stats.append(s)
         log(f"verify: {inp.name:<11} positions={s['positions']:<5d} cosine={s['cosine']:.8f} "
@@ -193,10 +274,35 @@ def verify(hf_dir: str, tp: int = 1, pp: int = 1, vpp: Optional[int] = None, seq
     return summary
 
 
+def verify(hf_dir: str, tp: int = 1, pp: int = 1, vpp: Optional[int] = None, sequence_parallel: bool = False,
+           image: Optional[str] = None, video: Optional[str] = None, dtype: str = "fp32", seed: int = 0,
+           max_tiles: int = 12, max_frames: int = 8, timeout: float = 900, backend: Optional[str] = None,
+           log=print, megatron_dir: Optional[str] = None, model: Optional[str] = None) -> Dict[str, float]:
+    """HF (transformers) vs megatron-core at TP/PP/VPP/SP, loaded from the same HF directory or,
+    with `megatron_dir`, from a Megatron checkpoint (its own layout unless tp/pp/vpp are given)."""
+    layout = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                  virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sequence_parallel)
+    if megatron_dir is None:
+        candidate = CheckpointRef("hf", hf_dir, layout=layout)
+    else:
+        override = {k: v for k, v in layout.items() if v != _DEFAULT_LAYOUT[k]}
+        candidate = CheckpointRef("megatron", megatron_dir, model, override or None)
+    return verify_pair(CheckpointRef("hf", hf_dir), candidate, image, video, dtype, seed, max_tiles, max_frames,
+                       timeout, backend, log)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--hf", required=True, metavar="DIR", help="Long-VITA checkpoint in HF format")
-    parser.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=1)
-    parser.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=1)
+    parser.add_argument("--hf", metavar="DIR", help="reference: a Long-VITA checkpoint in HF format (transformers)")
+    parser.add_argument("--megatron", metavar="DIR", help="candidate: a Megatron checkpoint (torch_dist or legacy, any "
+                        "naming) run by megatron-core; default: megatron-core loaded from --hf")
+    parser.add_argument("--reference-megatron", metavar="DIR",
+                        help="reference: a Megatron checkpoint instead of --hf (compares two Megatron checkpoints)")
+    parser.add_argument("--candidate-hf", metavar="DIR", help="candidate: a second HF checkpoint run by transformers")
+    parser.add_argument("--model", metavar="SPEC", help="model config for Megatron checkpoints without one "
+                        "(released MindSpeed/TE weights): preset, HF directory or config JSON")
+    parser.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=None,
+                        help="megatron-core layout (default 1, or a Megatron checkpoint's own)")
+    parser.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=None)
     parser.add_argument("--vpp", "--virtual-pipeline-model-parallel-size", dest="vpp", type=int, default=None,
                         help="model chunks per pipeline rank (interleaved schedule)")
     parser.add_argument("--sequence-parallel", action="store_true")
@@ -210,10 +316,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=900, help="seconds before the spawned ranks are killed")
 
 
+def _layout_flags(args) -> Optional[Dict]:
+    given = {k: v for k, v in (("tensor_model_parallel_size", args.tp), ("pipeline_model_parallel_size", args.pp),
+                               ("virtual_pipeline_model_parallel_size", args.vpp),
+                               ("sequence_parallel", args.sequence_parallel or None)) if v is not None}
+    return given or None
+
+
 def run(args: argparse.Namespace) -> int:
     for path, flag in ((args.image, "--image"), (args.video, "--video")):
         if path and not os.path.exists(path):
             raise FileNotFoundError(f"{flag} {path} does not exist")
-    summary = verify(args.hf, args.tp, args.pp, args.vpp, args.sequence_parallel, args.image, args.video,
-                     args.dtype, args.seed, args.max_tiles, args.max_frames, args.timeout, args.backend)
+    if (args.hf is None) == (args.reference_megatron is None):
+        raise ValueError("give exactly one reference: --hf DIR or --reference-megatron DIR")
+    if args.megatron and args.candidate_hf:
+        raise ValueError("give at most one candidate: --megatron DIR or --candidate-hf DIR")
+    if args.hf:
+        reference = CheckpointRef("hf", args.hf)
+    else:
+        reference = CheckpointRef("megatron", args.reference_megatron, args.model)
+    flags = _layout_flags(args)
+    if args.megatron:
+        candidate = CheckpointRef("megatron", args.megatron, args.model, flags)
+    elif args.candidate_hf:
+        candidate = CheckpointRef("hf", args.candidate_hf)
+    elif args.hf:
+        candidate = CheckpointRef("hf", args.hf, layout={**_DEFAULT_LAYOUT, **(flags or {})})
+    else:
+        raise ValueError("--reference-megatron needs a candidate: --megatron DIR or --candidate-hf DIR")
+    summary = verify_pair(reference, candidate, args.image, args.video, args.dtype, args.seed, args.max_tiles,
+                          args.max_frames, args.timeout, args.backend)
     return 0 if summary["passed"] else 1

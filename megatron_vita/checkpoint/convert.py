@@ -1,0 +1,302 @@
+"""`megatron-vita convert`: any Long-VITA checkpoint format/layout to any other, streamed.
+
+Sources and targets: HF (the released `*_HF` layout), Megatron legacy
+(`iter_*/mp_rank_*/model_optim_rng.pt`, names mcore | mindspeed | te, detected when reading)
+and megatron-core dist checkpoints (torch_dist, what training saves). Every conversion goes
+tensor by tensor through the full (TP-unsharded) megatron-core tensor of each parameter:
+source -> `full(param)` -> target shards/renames/transforms it and writes it at once, so peak
+memory is about the largest tensor plus its pieces, whatever the model size.
+
+Safety: names and shapes of the source are checked against the model config before anything
+is written; output goes to a hidden `.NAME.partial-PID` directory beside the destination and is
+renamed into place only when complete (a killed run leaves no checkpoint-looking directory;
+the next run removes the dead run's partial directory). An existing destination is replaced
+only with `--force`.
+
+Decisions: TP larger than the LLM's KV groups is refused (ParallelConfig.validate says so)
+rather than replicating KV heads. The vocabulary is padded to a multiple of
+`--make-vocab-size-divisible-by` x TP (default 1: the released 152064 rows stay unpadded up to
+TP8); padded rows are zeros and are dropped on export.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from contextlib import contextmanager
+from typing import Callable, Optional
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _dtype(name: Optional[str]):
+    import torch
+
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name!r}: choose one of {sorted(DTYPES)}")
+    return getattr(torch, DTYPES[name])
+
+
+def megatron_format_of(path: str) -> str:
+    """'torch_dist' or 'legacy' for a Megatron save root or iteration directory."""
+    from megatron_vita.checkpoint.megatron_layout import parse_rank_dir, resolve_iteration_dir
+
+    iter_dir, _ = resolve_iteration_dir(path)
+    if os.path.isfile(os.path.join(iter_dir, ".metadata")):
+        return "torch_dist"
+    if any(parse_rank_dir(n) for n in os.listdir(iter_dir)):
+        return "legacy"
+    raise FileNotFoundError(f"{iter_dir} holds neither a torch_dist checkpoint (.metadata) nor mp_rank_* directories")
+
+
+def _model_config(spec: Optional[str]):
+    if spec is None:
+        return None
+    from megatron_vita.config.model import resolve_model_config
+
+    return resolve_model_config(spec)
+
+
+def _config_mismatch(where: str, found, given) -> None:
+    a, b = found.to_hf_dict(), given.to_hf_dict()
+    diffs = [f"{k}: checkpoint {a.get(k)!r} vs --model {b.get(k)!r}" for k in sorted(set(a) | set(b))
+             if a.get(k) != b.get(k) and k != "torch_dtype"]
+    if diffs:
+        raise ValueError(f"config mismatch between {where} and --model:\n  " + "\n  ".join(diffs))
+
+
+def open_source(kind: str, path: str, model: Optional[str] = None):
+    """A conversion source: HFSource, LegacySource or DistSource, its names/shapes checked."""
+    from megatron_vita.checkpoint.hf_format import HFSource, model_shapes
+
+    given = _model_config(model)
+    if kind == "hf":
+        src = HFSource(path)
+        if given is not None:
+            _config_mismatch(f"{path}/config.json", src.cfg, given)
+        src.check()
+        return src
+    if kind != "megatron":
+        raise ValueError(f"--from {kind!r}: use hf or megatron")
+    fmt = megatron_format_of(path)
+    if fmt == "torch_dist":
+        from megatron_vita.checkpoint.dist_format import DistSource as cls
+    else:
+        from megatron_vita.checkpoint.legacy_format import LegacySource as cls
+    src = cls(path, given)
+    _, full_shapes = model_shapes(src.cfg)
+    src.check(full_shapes)
+    return src
+
+
+def _remove_dead_partials(dst: str) -> None:
+    parent, base = os.path.split(os.path.abspath(dst))
+    prefix = f".{base}.partial-"
+    for name in os.listdir(parent) if os.path.isdir(parent) else []:
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            pid = int(name[len(prefix):])
+            try:
+                os.kill(pid, 0)
+                alive = pid != os.getpid()
+            except ProcessLookupError:
+                alive = False
+            except PermissionError:
+                alive = True
+            if not alive:
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+@contextmanager
+def atomic_output(dst: str, force: bool):
+    """Yield a hidden partial directory; move it to `dst` only when the block completes."""
+    dst = os.path.abspath(dst)
+    if os.path.exists(dst) and not (os.path.isdir(dst) and not os.listdir(dst)) and not force:
+        raise FileExistsError(f"--output {dst} exists; pass --force to replace it")
+    parent, base = os.path.split(dst)
+    os.makedirs(parent, exist_ok=True)
+    _remove_dead_partials(dst)
+    partial = os.path.join(parent, f".{base}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    old = None
+    if os.path.exists(dst):
+        old = os.path.join(parent, f".{base}.old-{os.getpid()}")
+        os.rename(dst, old)
+    os.rename(partial, dst)
+    if old:
+        shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+
+
+def _progress(total_bytes: int, total_tensors: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
+                disable=not enabled, dynamic_ncols=True, postfix={"tensors": f"0/{total_tensors}"})
+
+
+def convert(src: str, dst: str, src_format: str = "hf", dst_format: str = "megatron", *, tp: int = 1, pp: int = 1,
+            vpp: Optional[int] = None, first_stage_layers: Optional[int] = None,
+            last_stage_layers: Optional[int] = None, make_vocab_size_divisible_by: int = 1,
+            megatron_format: str = "torch_dist", names: str = "mcore", dtype: Optional[str] = None,
+            force: bool = False, verify: bool = False, model: Optional[str] = None, tokenizer: Optional[str] = None,
+            iteration: Optional[int] = None, max_shard_size: Optional[int] = None, progress: bool = True,
+            on_tensor: Optional[Callable[[str, int], None]] = None, log=print) -> dict:
+    """Convert `src` (format `src_format`: hf | megatron) to `dst` (`dst_format`).
+
+    Megatron targets take the layout (tp, pp, vpp, uneven first/last stage, vocab divisor),
+    `megatron_format` (torch_dist | legacy) and `names` (mcore | mindspeed | te; torch_dist
+    accepts all three, training loads mcore). `dtype` (bf16 | fp16 | fp32) casts, default: the
+    source's. HF targets copy tokenizer/processor files from `tokenizer` (default: the HF source
+    or the --model directory). `on_tensor(name, bytes)` is called after each tensor is written.
+    Returns a summary dict (tensors, bytes, seconds, verify result if asked).
+    """
+    import time
+
+    import torch
+
+    from megatron_vita.checkpoint.hf_format import DEFAULT_MAX_SHARD, HFWriter, model_shapes
+    from megatron_vita.checkpoint.megatron_layout import (
+        MegatronLayout,
+        iteration_dir_name,
+        ordered_params,
+        write_tracker,
+    )
+
+    if dst_format not in ("hf", "megatron"):
+        raise ValueError(f"--to {dst_format!r}: use hf or megatron")
+    if megatron_format not in ("torch_dist", "legacy"):
+        raise ValueError(f"--megatron-format {megatron_format!r}: use torch_dist or legacy")
+    from megatron_vita.checkpoint.mapping import NAMINGS
+
+    if names not in NAMINGS:
+        raise ValueError(f"--names {names!r}: use one of {sorted(NAMINGS)}")
+    src_real, dst_real = os.path.realpath(src), os.path.realpath(dst)
+    if src_real == dst_real or src_real.startswith(dst_real + os.sep) or dst_real.startswith(src_real + os.sep):
+        raise ValueError(f"--output {dst} overlaps --input {src}; write the conversion somewhere else")
+    if os.path.exists(dst) and not (os.path.isdir(dst) and not os.listdir(dst)) and not force:
+        raise FileExistsError(f"--output {dst} exists; pass --force to replace it")
+    cast = _dtype(dtype)
+    source = open_source(src_format, src, model)
+    cfg = source.cfg
+    try:
+        params = ordered_params(cfg)
+        _, full_shapes = model_shapes(cfg)
+        layout = MegatronLayout(tp, pp, vpp, first_stage_layers, last_stage_layers, make_vocab_size_divisible_by)
+        if dst_format == "megatron":
+            layout.validate(cfg)
+        it = iteration if iteration is not None else (getattr(source, "iteration", None) or 0)
+        dtype_for = (lambda p: cast) if cast is not None else source.dtype_of
+        what = (f"Megatron {megatron_format} {layout.describe()} ({names} names)" if dst_format == "megatron"
+                else "HF safetensors")
+        log(f"convert: {src_format} {src} -> {what} {dst}")
+        start = time.perf_counter()
+        with atomic_output(dst, force) as out:
+            if dst_format == "hf":
+                aux = tokenizer or (src if src_format == "hf" else model if model and os.path.isdir(model) else None)
+                target = HFWriter(out, cfg, max_shard_size or DEFAULT_MAX_SHARD, aux)
+            else:
+                iter_dir = os.path.join(out, iteration_dir_name(it))
+                if megatron_format == "legacy":
+                    from megatron_vita.checkpoint.legacy_format import LegacyWriter
+
+                    target = LegacyWriter(iter_dir, cfg, layout, names, it)
+                else:
+                    from megatron_vita.checkpoint.dist_format import DistWriter
+
+                    target = DistWriter(iter_dir, cfg, layout, names, it)
+            target.plan(params, full_shapes, dtype_for)
+            total = sum(full_shapes[p.name].numel() * dtype_for(p).itemsize for p in params)
+            bar = _progress(total, len(params), progress)
+            done = {"tensors": 0, "bytes": 0}
+
+            def fetch(p):
+                full = source.full(p)
+                if tuple(full.shape) != tuple(full_shapes[p.name]):
+                    raise ValueError(f"{p.name}: source gives shape {list(full.shape)}, the model config expects "
+                                     f"{list(full_shapes[p.name])}")
+                nbytes = full.numel() * dtype_for(p).itemsize
+                done["tensors"] += 1
+                done["bytes"] += nbytes
+                bar.update(nbytes)
+                bar.set_postfix(tensors=f"{done['tensors']}/{len(params)}", refresh=False)
+                if on_tensor is not None:
+                    on_tensor(p.name, nbytes)
+                return full
+
+            with torch.no_grad():
+                target.write_all(params, fetch)
+            target.finish()
+            bar.close()
+            if dst_format == "megatron":
+                write_tracker(out, it)  # last: only a complete directory names its iteration
+        seconds = time.perf_counter() - start
+    finally:
+        source.close()
+    summary = {"tensors": done["tensors"], "bytes": done["bytes"], "seconds": seconds}
+    log(f"convert: wrote {done['tensors']} tensors, {done['bytes'] / 1e9:.2f} GB in {seconds:.1f}s "
+        f"({done['bytes'] / 1e9 / max(seconds, 1e-9):.2f} GB/s) to {dst}")
+    if verify:
+        summary["verify"] = verify_conversion(src, src_format, dst, dst_format, model, log=log)
+    return summary
+
+
+def verify_conversion(src: str, src_format: str, dst: str, dst_format: str, model: Optional[str] = None,
+                      log=print) -> dict:
+    """Logits of source and converted checkpoint on text, image+text and video+text."""
+    from megatron_vita.checkpoint.verify import CheckpointRef, verify_pair
+
+    ref = CheckpointRef(src_format, src, model)
+    cand = CheckpointRef(dst_format, dst, model)
+    summary = verify_pair(ref, cand, log=log)
+    if not summary["passed"]:
+        raise RuntimeError(f"verification failed: cosine={summary['cosine']:.6f} top1={summary['top1']:.2f}% "
+                           "(need cosine >= 0.9999 and top-1 100% in fp32)")
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--from", dest="src_format", choices=["hf", "megatron"], required=True)
+    parser.add_argument("--to", dest="dst_format", choices=["hf", "megatron"], required=True)
+    parser.add_argument("--input", required=True, metavar="SRC",
+                        help="HF checkpoint directory, or a Megatron save root / iter_XXXXXXX directory")
+    parser.add_argument("--output", required=True, metavar="DST", help="where the converted checkpoint goes")
+    parser.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=1)
+    parser.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=1)
+    parser.add_argument("--vpp", "--virtual-pipeline-model-parallel-size", dest="vpp", type=int, default=None)
+    parser.add_argument("--decoder-first-pipeline-num-layers", dest="first_stage_layers", type=int, default=None)
+    parser.add_argument("--decoder-last-pipeline-num-layers", dest="last_stage_layers", type=int, default=None)
+    parser.add_argument("--make-vocab-size-divisible-by", type=int, default=1,
+                        help="pad the vocabulary to a multiple of this x TP (default 1: 152064 rows stay unpadded)")
+    parser.add_argument("--megatron-format", choices=["torch_dist", "legacy"], default="torch_dist",
+                        help="Megatron target format (default torch_dist, what training loads)")
+    parser.add_argument("--names", choices=["mcore", "mindspeed", "te"], default="mcore",
+                        help="Megatron target naming (sources are detected)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
+    parser.add_argument("--model", metavar="SPEC", default=None,
+                        help="model config for Megatron sources without one (released MindSpeed/TE weights): "
+                             "a preset, a HF checkpoint directory or a config JSON")
+    parser.add_argument("--tokenizer", metavar="DIR", default=None,
+                        help="HF target: copy tokenizer/processor/generation files from DIR")
+    parser.add_argument("--iteration", type=int, default=None, help="Megatron target iteration (default: source's or 0)")
+    parser.add_argument("--max-shard-size", type=int, default=None, metavar="BYTES",
+                        help="HF target shard size (default 5e9)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --output")
+    parser.add_argument("--verify", action="store_true", help="compare source and target logits after converting")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    convert(args.input, args.output, args.src_format, args.dst_format, tp=args.tp, pp=args.pp, vpp=args.vpp,
+            first_stage_layers=args.first_stage_layers, last_stage_layers=args.last_stage_layers,
+            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, megatron_format=args.megatron_format,
+            names=args.names, dtype=args.dtype, force=args.force, verify=args.verify, model=args.model,
+            tokenizer=args.tokenizer, iteration=args.iteration, max_shard_size=args.max_shard_size,
+            progress=not args.no_progress)
+    return 0

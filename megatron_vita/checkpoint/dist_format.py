@@ -1,0 +1,373 @@
+"""megatron-core dist checkpoints (`torch_dist`): the model part, read and written in one process.
+
+Layout contract (what `dist_checkpointing.save({"model": chunk.sharded_state_dict(), ...})`
+produces in training and what `DistWriter` writes; `DistSource` reads both):
+
+  SAVE/latest_checkpointed_iteration.txt   the iteration number
+  SAVE/iter_XXXXXXX/metadata.json          {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                                            "common_backend": "torch", "common_backend_version": 1}
+  SAVE/iter_XXXXXXX/common.pt              torch.save of the non-sharded state; it must hold
+                                           "model_config" (ModelConfig.to_dict()) and "args"
+                                           (argparse.Namespace), and holds "iteration", "checkpoint_version"
+  SAVE/iter_XXXXXXX/.metadata, *.distcp    PyTorch DCP; one tensor per sharded key:
+    - outside layers: key = the megatron-core name, global shape = the full tensor
+      (word embeddings / output layer: vocab rows padded for the layout that saved it)
+    - transformer layers (LLM and ViT): key = the name without its layer index, e.g.
+      `language_model.decoder.layers.self_attention.linear_qkv.weight`, global shape
+      [num_layers, *full]; layer i is index i of the prepended axis whatever the PP/VPP split
+    - SwiGLU fc1: [L, 2F, H] = [gate; up] (megatron's swiglu factory saves each half's TP pieces)
+    - QKV: grouped per KV group, as in the model; ViT QKV per head
+    - each linear's `_extra_state` as a bytes entry `<module>._extra_state/shard_<i>_<L>`
+      (`shard_0_1` outside layers); under VPP the state dict has "model0", "model1", ... but
+      the keys are the same, so the files do not depend on the layout except for vocab padding
+  Entries outside the model (optimizer.*, rng_state, ...) are ignored by the reader.
+
+Reading never runs a pickle's code: `.metadata` goes through an unpickler that only builds DCP's
+metadata classes, common.pt through `safe_torch_load`. Writing streams: DCP asks the planner
+for each chunk when it writes it, and the planner fetches (and caches) one full tensor at a time.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from megatron_vita.checkpoint import mapping
+from megatron_vita.checkpoint.megatron_layout import MegatronLayout, megatron_args, resolve_iteration_dir
+from megatron_vita.checkpoint.safe_load import UnsafeCheckpointError, safe_torch_load
+from megatron_vita.config.model import ModelConfig
+
+METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                 "common_backend": "torch", "common_backend_version": 1}
+COMMON = "common.pt"
+_DCP_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.planner", n) for n in ("WriteItem", "WriteItemType", "TensorWriteData",
+                                                          "SavePlan", "LoadPlan", "ReadItem", "LoadItemType")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("megatron.core.dist_checkpointing.strategies.torch", "MCoreSavePlan"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP metadata objects and torch dtypes/layouts, nothing else."""
+
+    def find_class(self, module, name):
+        if (module, name) in _DCP_CLASSES or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                               (torch.dtype, torch.layout,
+                                                                                torch.memory_format))):
+            return super().find_class(module, name)
+        raise UnsafeCheckpointError(f"refusing to load {self.path}: its pickle asks for {module}.{name}, which is "
+                                    "not part of a dist checkpoint's metadata")
+
+
+def read_metadata(iter_dir: str):
+    path = os.path.join(iter_dir, ".metadata")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: not a complete torch_dist checkpoint")
+    with open(path, "rb") as f:
+        unpickler = _MetadataUnpickler(f)
+        unpickler.path = path
+        return unpickler.load()
+
+
+def _reader_class():
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            return read_metadata(str(self.path))
+
+    return SafeReader
+
+
+def _narrow(t: torch.Tensor, offsets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:
+    for d, (o, s) in enumerate(zip(offsets, sizes)):
+        t = t.narrow(d, o, s)
+    return t
+
+
+class _Into:
+    """The two planner callbacks DCP's reader uses: where a read lands, and that it landed."""
+
+    def __init__(self, dest: torch.Tensor):
+        self.dest = dest
+
+    def resolve_tensor(self, req):
+        return _narrow(self.dest, req.dest_offsets, req.lengths)
+
+    def commit_tensor(self, req, tensor):
+        pass
+
+
+def _model_roots(cfg: ModelConfig, naming: str) -> Tuple[str, ...]:
+    return tuple(sorted({mapping.rename(p.name, naming).split(".", 1)[0] + "." for p in mapping.all_params(cfg)}))
+
+
+class DistSource:
+    """A torch_dist checkpoint's model tensors, read region by region."""
+
+    kind = "megatron"
+    format = "torch_dist"
+
+    def __init__(self, path: str, cfg: Optional[ModelConfig] = None):
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.iter_dir, self.iteration = resolve_iteration_dir(path)
+        self.path = path
+        cfg_json = os.path.join(self.iter_dir, "metadata.json")
+        if os.path.isfile(cfg_json):
+            with open(cfg_json, encoding="utf-8") as f:
+                backend = json.load(f).get("sharded_backend")
+            if backend != "torch_dist":
+                raise ValueError(f"{cfg_json}: sharded_backend is {backend!r}; only 'torch_dist' is supported")
+        self.metadata = read_metadata(self.iter_dir)
+        common_path = os.path.join(self.iter_dir, COMMON)
+        self.common = safe_torch_load(common_path) if os.path.isfile(common_path) else {}
+        self.args = self.common.get("args")
+        if cfg is None:
+            if not isinstance(self.common.get("model_config"), dict):
+                raise ValueError(f"{common_path} carries no model_config: pass --model with a preset, a HF checkpoint "
+                                 "directory or a config JSON")
+            cfg = ModelConfig.from_dict(self.common["model_config"])
+        self.cfg = cfg
+        tensors = {k: md for k, md in self.metadata.state_dict_metadata.items()
+                   if isinstance(md, TensorStorageMetadata)}
+        self.naming = mapping.detect_naming([k for k in tensors if not k.startswith(("optimizer", "rng_state"))])
+        roots = _model_roots(cfg, self.naming)
+        self.tensors = {k: md for k, md in tensors.items() if k.startswith(roots)}
+        a = self.args
+        self.layout = MegatronLayout(
+            tp=int(getattr(a, "tensor_model_parallel_size", 1) or 1), pp=int(getattr(a, "pipeline_model_parallel_size", 1) or 1),
+            vpp=getattr(a, "virtual_pipeline_model_parallel_size", None),
+            first_stage_layers=getattr(a, "decoder_first_pipeline_num_layers", None),
+            last_stage_layers=getattr(a, "decoder_last_pipeline_num_layers", None),
+            make_vocab_size_divisible_by=int(getattr(a, "make_vocab_size_divisible_by", 1) or 1))
+        self._reader = _reader_class()(self.iter_dir)
+        self._reader.set_up_storage_reader(self.metadata, True)
+
+    def _where(self, param: mapping.Param) -> Tuple[str, Optional[int]]:
+        return mapping.sharded_key(mapping.rename(param.name, self.naming))
+
+    def _layers(self, param: mapping.Param) -> int:
+        return self.cfg.vision.num_layers if param.rule.layer == "vit" else self.cfg.language.num_layers
+
+    def check(self, full_shapes: Dict[str, torch.Size]) -> None:
+        from megatron_vita.checkpoint.hf_format import raise_errors
+
+        errors, seen = [], set()
+        for p in mapping.all_params(self.cfg):
+            key, layer = self._where(p)
+            if key in seen:
+                continue
+            seen.add(key)
+            expect = list(full_shapes[p.name])
+            if layer is not None:
+                expect = [self._layers(p)] + expect
+            md = self.tensors.get(key)
+            if md is None:
+                errors.append(f"missing key '{key}' (the model config expects shape {expect})")
+                continue
+            found = list(md.size)
+            if p.rule.shard == "vocab" and len(found) == len(expect) and found[1:] == expect[1:] \
+                    and found[0] >= expect[0]:
+                continue  # padded vocabulary rows are dropped on read
+            if found != expect:
+                errors.append(f"shape mismatch for '{key}': the checkpoint has {found}, the model config expects {expect}")
+        for key, md in self.tensors.items():
+            if key not in seen:
+                errors.append(f"unexpected key '{key}' (shape {list(md.size)}) is not a parameter of the model")
+        raise_errors(f"torch_dist checkpoint {self.iter_dir} ({self.naming} names)", errors)
+
+    def dtype_of(self, param: mapping.Param) -> torch.dtype:
+        return self.tensors[self._where(param)[0]].properties.dtype
+
+    def read_region(self, key: str, offsets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:
+        """Elements [offsets, offsets + sizes) of the checkpoint tensor `key`."""
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner import LoadPlan
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+        md = self.tensors[key]
+        dest = torch.empty(list(sizes), dtype=md.properties.dtype)
+        items = create_read_items_for_chunk_list(
+            key, md, [ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))])
+        self._reader.read_data(LoadPlan(items), _Into(dest)).wait()
+        return dest
+
+    def full(self, param: mapping.Param) -> torch.Tensor:
+        key, layer = self._where(param)
+        size = list(self.tensors[key].size)
+        if param.rule.shard == "vocab":
+            size[0] = self.cfg.language.vocab_size
+        if layer is None:
+            return self.read_region(key, [0] * len(size), size)
+        return self.read_region(key, [layer] + [0] * (len(size) - 1), [1] + size[1:])[0]
+
+    def close(self) -> None:
+        pass
+
+
+def _regions(param: mapping.Param, full: Sequence[int], tp: int) -> List[Tuple[Tuple[int, ...], Tuple[int, ...]]]:
+    """The (offsets, sizes) chunks megatron saves for a full tensor at TP `tp` (vocab already padded)."""
+    full = tuple(full)
+    kind = param.rule.shard
+    zeros = (0,) * len(full)
+    if kind == "replicated" or tp == 1 and kind != "glu":
+        return [(zeros, full)]
+    if kind in ("column", "vocab", "row"):
+        d = 1 if kind == "row" else 0
+        step = full[d] // tp
+        return [(tuple(r * step if i == d else 0 for i in range(len(full))),
+                 tuple(step if i == d else s for i, s in enumerate(full))) for r in range(tp)]
+    if kind == "glu":
+        half = full[0] // 2
+        step = half // tp
+        return [((h * half + r * step,) + zeros[1:], (step,) + full[1:]) for h in (0, 1) for r in range(tp)]
+    raise ValueError(f"unknown shard kind {kind!r}")
+
+
+class DistWriter:
+    """Write full megatron-core tensors as a torch_dist iteration directory (see the module docstring)."""
+
+    def __init__(self, iter_dir: str, cfg: ModelConfig, layout: MegatronLayout, naming: str = "mcore",
+                 iteration: int = 0, common: Optional[dict] = None):
+        self.iter_dir, self.cfg, self.layout, self.naming, self.iteration = iter_dir, cfg, layout, naming, iteration
+        self.common_extra = dict(common or {})
+        self._items: List = []
+        self._lookup: Dict[Tuple[str, Tuple[int, ...]], Tuple[mapping.Param, Tuple[int, ...], Tuple[int, ...], bool,
+                                                               torch.dtype]] = {}
+        self._dtype: Optional[torch.dtype] = None
+
+    def plan(self, params: Sequence[mapping.Param], full_shapes: Dict[str, torch.Size],
+             dtype_for: Callable[[mapping.Param], torch.dtype]) -> int:
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+        from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+        padded = self.layout.padded_vocab(self.cfg)
+        total, extra = 0, []
+        for p in params:
+            name = mapping.rename(p.name, self.naming)
+            key, layer = mapping.sharded_key(name)
+            dtype = dtype_for(p)
+            self._dtype = self._dtype or dtype
+            full = list(full_shapes[p.name])
+            if p.rule.shard == "vocab":
+                full[0] = padded
+            layers = self.cfg.vision.num_layers if p.rule.layer == "vit" else self.cfg.language.num_layers
+            size = torch.Size(([layers] if layer is not None else []) + full)
+            for offsets, sizes in _regions(p, full, self.layout.tp):
+                off = ((layer,) if layer is not None else ()) + offsets
+                sz = ((1,) if layer is not None else ()) + sizes
+                chunk = ChunkStorageMetadata(offsets=torch.Size(off), sizes=torch.Size(sz))
+                self._items.append(WriteItem(
+                    index=MetadataIndex(key, torch.Size(off)), type=WriteItemType.SHARD,
+                    tensor_data=TensorWriteData(chunk=chunk, properties=TensorProperties(dtype=dtype), size=size)))
+                self._lookup[(key, off)] = (p, offsets, sizes, layer is not None, dtype)
+                total += torch.Size(sz).numel() * dtype.itemsize
+            owner = mapping.extra_state_owner(name)
+            if owner is not None:
+                okey, _ = mapping.sharded_key(owner)
+                shard = f"shard_{layer}_{layers}" if layer is not None else "shard_0_1"
+                extra.append(WriteItem(index=MetadataIndex(f"{okey}._extra_state/{shard}"),
+                                       type=WriteItemType.BYTE_IO))
+        self._items = extra + self._items
+        os.makedirs(self.iter_dir, exist_ok=True)
+        return total
+
+    def write_all(self, params: Sequence[mapping.Param], fetch: Callable[[mapping.Param], torch.Tensor]) -> None:
+        from torch.distributed.checkpoint import FileSystemWriter
+        from torch.distributed.checkpoint import save as dcp_save
+
+        with warnings.catch_warnings():
+            # "torch.distributed is ... uninitialized, assuming ... a single process": exactly the intent.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp_save({}, storage_writer=FileSystemWriter(self.iter_dir, single_file_per_rank=True, thread_count=1),
+                     planner=_planner_class()(self, fetch), no_dist=True)
+
+    def piece(self, item, fetch, cache: dict) -> torch.Tensor:
+        p, offsets, sizes, layered, dtype = self._lookup[(item.index.fqn, tuple(item.index.offset))]
+        if cache.get("name") != p.name:
+            cache.clear()
+            cache.update(name=p.name, full=fetch(p))
+        full = cache["full"]
+        if p.rule.shard == "vocab":
+            # Rows past the vocabulary are padding: zeros, made only for the piece that needs them.
+            start, rows = offsets[0], sizes[0]
+            piece = mapping.pad_vocab(full[start:min(start + rows, full.shape[0])], rows)
+        else:
+            piece = _narrow(full, offsets, sizes)
+        piece = piece.to(dtype).contiguous()
+        return piece.unsqueeze(0) if layered else piece
+
+    def finish(self) -> None:
+        common = {"model_config": self.cfg.to_dict(),
+                  "args": megatron_args(self.cfg, self.layout, self._dtype or torch.float32, self.iteration),
+                  "checkpoint_version": 3.0, "iteration": self.iteration, **self.common_extra}
+        torch.save(common, os.path.join(self.iter_dir, COMMON))
+        with open(os.path.join(self.iter_dir, "metadata.json"), "w", encoding="utf-8") as f:
+            json.dump(METADATA_JSON, f)
+
+
+def _planner_class():
+    from torch.distributed.checkpoint import DefaultSavePlanner
+    from torch.distributed.checkpoint.planner import SavePlan, WriteItemType
+
+    class LazyPlanner(DefaultSavePlanner):
+        """DCP's planner with a fixed item list whose data is fetched only when DCP writes it."""
+
+        def __init__(self, writer: DistWriter, fetch):
+            super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+            self.writer, self.fetch, self.cache = writer, fetch, {}
+
+        def create_local_plan(self):
+            self.plan = SavePlan(list(self.writer._items))
+            return self.plan
+
+        def create_global_plan(self, all_plans):
+            plans, metadata = super().create_global_plan(all_plans)
+            # What megatron's planner records per tensor (read back for N-D flattened tensors only).
+            metadata.mcore_data = {k: {} for k, md in metadata.state_dict_metadata.items() if hasattr(md, "chunks")}
+            return plans, metadata
+
+        def resolve_data(self, write_item):
+            if write_item.type == WriteItemType.BYTE_IO:
+                buf = io.BytesIO()
+                torch.save([None], buf)  # a linear's extra state without FP8
+                return buf
+            return self.writer.piece(write_item, self.fetch, self.cache)
+
+    return LazyPlanner
+
+
+def patch_megatron_dcp_writer() -> None:
+    """megatron-core 0.12.1's async writer calls torch's `_write_item` without the
+    `serialization_format` argument torch >= 2.7 requires, so every `dist_checkpointing.save`
+    fails with "missing 1 required positional argument". Pass the default torch.save format."""
+    import inspect
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    if getattr(fa._write_item, "_megatron_vita_fixed", False):
+        return
+    original = fa._write_item
+    if "serialization_format" not in inspect.signature(original).parameters:
+        return
+    from torch.distributed.checkpoint.filesystem import SerializationFormat
+
+    def _write_item(*args, **kwargs):
+        if len(args) < 6 and "serialization_format" not in kwargs:
+            kwargs["serialization_format"] = SerializationFormat.TORCH_SAVE
+        return original(*args, **kwargs)
+
+    _write_item._megatron_vita_fixed = True
+    fa._write_item = _write_item
