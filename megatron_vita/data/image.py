@@ -114,8 +114,21 @@ def normalize_uint8(pixels):
     t = torch.as_tensor(pixels)
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
-    # Same float32 arithmetic as the released per-tile numpy code: x/255, minus mean, over std.
-    return t.permute(0, 3, 1, 2).to(torch.float32).div_(255.0).sub_(mean).div_(std).contiguous()
+    out = torch.empty((t.shape[0], 3, t.shape[1], t.shape[2]), dtype=torch.float32)
+    # One converting transpose into contiguous memory, then in-place passes: several times faster
+    # than arithmetic on the permuted view, and the same float32 arithmetic as the released per-tile
+    # numpy code (x / 255, minus mean, over std), so the values are identical.
+    out.copy_(t.permute(0, 3, 1, 2))
+    return out.div_(255.0).sub_(mean).div_(std)
+
+
+def normalize_pixels(pixels):
+    """uint8 [n, 3, H, W] on any device -> float32 normalised (for loaders built with normalize=False)."""
+    import torch
+
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    return pixels.to(torch.float32).div_(255.0).sub_(mean).div_(std)
 
 
 def image_size_from_header(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Tuple[int, int]:

@@ -23,6 +23,8 @@ import hashlib
 import json
 import logging
 import os
+import queue
+import threading
 from typing import Any, Dict, List, Optional, Union
 
 import torch
@@ -111,10 +113,11 @@ class RecordEvaluator:
 class PackDataset(torch.utils.data.Dataset):
     """Map-style dataset whose 'indices' are plans; runs in DataLoader workers."""
 
-    def __init__(self, evaluator: RecordEvaluator, pad_id: int, with_cu_seqlens: bool):
+    def __init__(self, evaluator: RecordEvaluator, pad_id: int, with_cu_seqlens: bool, normalize: bool = True):
         self.ev = evaluator
         self.pad_id = pad_id
         self.with_cu_seqlens = with_cu_seqlens
+        self.normalize = normalize
 
     def __len__(self) -> int:  # the stream is infinite; the sampler decides
         return 2 ** 62
@@ -136,28 +139,63 @@ class PackDataset(torch.utils.data.Dataset):
             rows.append(docs)
         r = ev.recipe
         batch = collate_packs(rows, r.seq_length, self.pad_id, r.packing.reset and r.packing.mode != "none",
-                              ev.num_image_token, ev.tokens.context_ids, ev.image_size, self.with_cu_seqlens)
+                              ev.num_image_token, ev.tokens.context_ids, ev.image_size, self.with_cu_seqlens,
+                              normalize=self.normalize)
         batch["micro_batch"] = plan["micro_batch"]
         batch["worker_stats"] = stats.state_dict()
         return batch
 
 
 class _RankPlans(torch.utils.data.Sampler):
-    """Yields this rank's micro-batch plans; records the planner snapshot after each round."""
+    """Yields this rank's micro-batch plans; records the planner snapshot after each round.
 
-    def __init__(self, planner: Planner, dp_rank: int, dp_size: int, micro_batch_size: int, first_micro: int):
+    Planning runs on a background thread a few rounds ahead, so that it overlaps the training
+    step instead of running inside the DataLoader's index fetch on the training thread. One
+    producer consumes the stream strictly in order: the plans do not depend on its timing.
+    """
+
+    def __init__(self, planner: Planner, dp_rank: int, dp_size: int, micro_batch_size: int, ahead: int = 4):
         self.planner = planner
         self.dp_rank, self.dp_size, self.mbs = dp_rank, dp_size, micro_batch_size
-        self.next_micro = first_micro
         self.snapshots: collections.deque = collections.deque()
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, ahead))
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def _produce(self) -> None:
+        micro = 0
+        try:
+            while not self._stop.is_set():
+                packs = [self.planner.next_pack() for _ in range(self.dp_size * self.mbs)]
+                mine = packs[self.dp_rank * self.mbs:(self.dp_rank + 1) * self.mbs]
+                item = (micro, {"micro_batch": micro, "packs": [[list(r) for r in p] for p in mine]},
+                        copy.deepcopy(self.planner.state_dict()))
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                micro += 1
+        except BaseException as e:  # surfaced on the training thread by __iter__
+            self._queue.put((None, e, None))
 
     def __iter__(self):
+        # Started on first use, i.e. after the DataLoader has forked its workers.
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._produce, name="vita-planner", daemon=True)
+            self._thread.start()
         while True:
-            packs = [self.planner.next_pack() for _ in range(self.dp_size * self.mbs)]
-            mine = packs[self.dp_rank * self.mbs:(self.dp_rank + 1) * self.mbs]
-            self.snapshots.append((self.next_micro, copy.deepcopy(self.planner.state_dict())))
-            yield {"micro_batch": self.next_micro, "packs": [[list(r) for r in p] for p in mine]}
-            self.next_micro += 1
+            micro, plan, snapshot = self._queue.get()
+            if micro is None:
+                raise plan
+            self.snapshots.append((micro, snapshot))
+            yield plan
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
 
 def _identity(x):
@@ -173,7 +211,8 @@ class TrainLoader:
 
     def __init__(self, recipe: Recipe, evaluator: RecordEvaluator, *, seed: int, dp_rank: int, dp_size: int,
                  micro_batch_size: int, num_workers: int, state: Optional[dict], vocab_size: int,
-                 planner_threads: int = 2, pin_memory: bool = False, prefetch_factor: int = 2):
+                 planner_threads: int = 2, pin_memory: bool = False, prefetch_factor: int = 2,
+                 normalize: bool = True):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is outside dp_size {dp_size}")
         reset = recipe.packing.reset and recipe.packing.mode != "none"
@@ -194,8 +233,8 @@ class TrainLoader:
         self._snapshot = copy.deepcopy(self.planner.state_dict())
         self.worker_stats = DataStats(evaluator.names, recipe.bad_samples.report_first)
         self._reported = len(self.planner.stats.reports)
-        self.sampler = _RankPlans(self.planner, dp_rank, dp_size, micro_batch_size, 0)
-        dataset = PackDataset(evaluator, evaluator.tokens.pad_token_id, reset)
+        self.sampler = _RankPlans(self.planner, dp_rank, dp_size, micro_batch_size)
+        dataset = PackDataset(evaluator, evaluator.tokens.pad_token_id, reset, normalize)
         kwargs = dict(num_workers=num_workers, batch_size=None, sampler=self.sampler, collate_fn=_identity,
                       pin_memory=pin_memory)
         if num_workers > 0:
@@ -258,14 +297,21 @@ class TrainLoader:
 
     def close(self) -> None:
         self._it = None
+        self.sampler.stop()
         self.planner.close()
 
 
 def build_train_loader(recipe: Union[str, Recipe], *, tokenizer, model_config, data_root: str, seed: int = 1234,
                        dp_rank: int = 0, dp_size: int = 1, micro_batch_size: int = 1, num_workers: int = 2,
                        state: Optional[dict] = None, cache_dir: Optional[str] = None, planner_threads: int = 2,
-                       pin_memory: bool = False, prefetch_factor: int = 2, progress: bool = False) -> TrainLoader:
-    """The micro-batch stream of one data-parallel rank (see module docstring for batch and state)."""
+                       pin_memory: bool = False, prefetch_factor: int = 2, progress: bool = False,
+                       normalize: bool = True) -> TrainLoader:
+    """The micro-batch stream of one data-parallel rank (see module docstring for batch and state).
+
+    normalize=False delivers `pixel_values` as uint8 [n, 3, H, W] (4x less memory and worker
+    traffic, which matters at 128K-1M tokens); the consumer then calls
+    `megatron_vita.data.image.normalize_pixels` on the device.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if isinstance(recipe, str):
         recipe = load_recipe(recipe, data_root)
@@ -276,22 +322,7 @@ def build_train_loader(recipe: Union[str, Recipe], *, tokenizer, model_config, d
     return TrainLoader(recipe, evaluator, seed=seed, dp_rank=dp_rank, dp_size=dp_size,
                        micro_batch_size=micro_batch_size, num_workers=num_workers, state=state,
                        vocab_size=len(tokenizer), planner_threads=planner_threads, pin_memory=pin_memory,
-                       prefetch_factor=prefetch_factor)
+                       prefetch_factor=prefetch_factor, normalize=normalize)
 
 
-def iter_documents(evaluator: RecordEvaluator, seed: int = 0):
-    """(ds, rec, Document or None, outcome, location, message) in stream order, for inspection."""
-    order = MixtureOrder(evaluator.sizes, evaluator.recipe.datasets, seed)
-    p = 0
-    while True:
-        ds, rec = order.at(p)
-        p += 1
-        loc = evaluator.location(ds, rec)
-        try:
-            doc, outcome = evaluator.document(ds, rec)
-            yield ds, rec, doc, outcome, loc, ""
-        except (SampleError, MediaError) as e:
-            yield ds, rec, None, f"bad:{e.reason}", loc, str(e)
-
-
-__all__ = ["build_train_loader", "TrainLoader", "RecordEvaluator", "iter_documents", "Document"]
+__all__ = ["build_train_loader", "TrainLoader", "RecordEvaluator", "Document"]

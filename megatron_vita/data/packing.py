@@ -70,11 +70,12 @@ class Packer:
 
 def collate_packs(rows: Sequence[Sequence[Tuple[Sequence[int], Sequence[int], np.ndarray]]], seq_length: int,
                   pad_id: int, reset: bool, num_image_token: int, context_ids: Sequence[int],
-                  image_size: int, with_cu_seqlens: bool) -> dict:
+                  image_size: int, with_cu_seqlens: bool, normalize: bool = True) -> dict:
     """Tensors of one micro-batch from `rows[b] = [(input_ids, labels, tiles_uint8), ...]`.
 
     Documents are laid out in order and padded at the end of each row. Tiles are concatenated in
-    row-major (row, position) order, which is the order of their context-token blocks.
+    row-major (row, position) order, which is the order of their context-token blocks. With
+    normalize=False the tiles stay uint8 [n, 3, H, W] (see image.normalize_pixels).
     """
     import torch
 
@@ -113,8 +114,12 @@ def collate_packs(rows: Sequence[Sequence[Tuple[Sequence[int], Sequence[int], np
     n_tiles = sum(len(t) for t in tiles)
     if len(bi) != n_tiles * num_image_token:
         raise ValueError(f"{len(bi)} feature tokens in the batch but {n_tiles} tiles x {num_image_token}")
-    pixels = (normalize_uint8(np.concatenate(tiles)) if tiles
-              else torch.empty((0, 3, image_size, image_size), dtype=torch.float32))
+    if not tiles:
+        pixels = torch.empty((0, 3, image_size, image_size), dtype=torch.float32 if normalize else torch.uint8)
+    elif normalize:
+        pixels = normalize_uint8(np.concatenate(tiles))
+    else:
+        pixels = torch.from_numpy(np.concatenate(tiles)).permute(0, 3, 1, 2).contiguous()
     labels_t = torch.from_numpy(labels)
     out = {
         "tokens": torch.from_numpy(tokens),

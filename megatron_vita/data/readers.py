@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -26,6 +27,7 @@ import numpy as np
 from megatron_vita.data.template import ROLE_ALIASES, SampleError
 
 _CHUNK = 1 << 24
+_OPEN_LOCK = threading.Lock()
 
 
 def default_cache_dir() -> str:
@@ -157,8 +159,10 @@ class RecordFile:
     def read_text(self, k: int) -> str:
         # pread has no shared file position: safe for planner threads and forked workers alike.
         if self._fd is None or self._pid != os.getpid():
-            self._fd = os.open(self._read_path, os.O_RDONLY)
-            self._pid = os.getpid()
+            with _OPEN_LOCK:
+                if self._fd is None or self._pid != os.getpid():
+                    self._fd = os.open(self._read_path, os.O_RDONLY)
+                    self._pid = os.getpid()
         data = os.pread(self._fd, int(self._index[1, k]), int(self._index[0, k]))
         return data.decode("utf-8", errors="replace")
 

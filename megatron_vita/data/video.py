@@ -68,6 +68,8 @@ def _decord():
 
 
 def _open_decord(path: str):
+    # Readers are never cached: a reader inherited by a forked DataLoader worker aborts the
+    # process when it is destroyed there (decord joins threads the child does not have).
     decord = _decord()
     if decord is None:
         return None

@@ -108,3 +108,14 @@ def test_cross_dataset_packing_without_reset_in_micro_batches(make, tmp_path):
     assert (mine["image_indices"][0, :n0] == 0).all() and (mine["image_indices"][0, n0:] == 1).all()
     # Shared buffers mix datasets: some sequence holds both image (497) and video (500) feature tokens.
     assert any(bool((r["tokens"] == 497).any()) and bool((r["tokens"] == 500).any()) for r in ref)
+
+
+def test_uint8_pixels_normalised_on_the_consumer_side_are_identical(make):
+    from megatron_vita.data.image import normalize_pixels
+
+    ref = take(make(), 3)
+    raw = take(make(normalize=False), 3)
+    for a, b in zip(ref, raw):
+        assert b["pixel_values"].dtype == torch.uint8 and b["pixel_values"].shape == a["pixel_values"].shape
+        assert torch.equal(normalize_pixels(b["pixel_values"]), a["pixel_values"])
+        assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["image_indices"], b["image_indices"])

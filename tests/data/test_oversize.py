@@ -2,7 +2,6 @@
 or -- the stage-4 policy -- videos resampled with fewer frames so that the document fits."""
 import json
 
-import numpy as np
 import pytest
 
 from datatest_media import frame_number, make_counter_video
