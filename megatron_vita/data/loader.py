@@ -25,7 +25,7 @@ import logging
 import os
 import queue
 import threading
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -100,6 +100,25 @@ class RecordEvaluator:
             raise SampleError(f"document length changed since planning ({length} -> "
                               f"{None if doc is None else len(doc)})", "length_mismatch")
         return doc.input_ids, doc.labels, self.builder.pixels_uint8(doc)
+
+    def prompt(self, record: dict, media_base: Optional[str] = None) -> Tuple[List[int], "torch.Tensor", Optional[str]]:
+        """Generation input for a record, laid out exactly as in training.
+
+        A trailing assistant turn is removed (and returned as the reference answer) and
+        `<|im_start|>assistant\n` is appended. Returns (input_ids, pixel_values float32 [n, 3, H, W]
+        in token-block order, answer or None). Raises SampleError/MediaError for bad records.
+        """
+        from megatron_vita.data.image import normalize_uint8
+
+        conv = normalize_record(record, require_answer=False)
+        answer = None
+        if conv.messages and conv.messages[-1][0] == "assistant":
+            answer = conv.messages[-1][1]
+            conv.messages = conv.messages[:-1]
+        doc = self.builder.build(conv, media_base or self.data_root)
+        enc = self.encoder
+        ids = doc.input_ids + [self.tokens.im_start_token_id] + enc.role_ids["assistant"] + enc.newline_ids
+        return ids, normalize_uint8(self.builder.pixels_uint8(doc)), answer
 
     def fingerprint(self, seed: int, vocab_size: int) -> str:
         r = self.recipe

@@ -184,7 +184,7 @@ def _media_list(obj: dict, plural: str, singular: str) -> List[str]:
     return list(value)
 
 
-def normalize_record(obj: Any) -> Conversation:
+def normalize_record(obj: Any, require_answer: bool = True) -> Conversation:
     """A Long-VITA or LLaVA record as a Conversation; SampleError for malformed ones."""
     if not isinstance(obj, dict):
         raise SampleError(f"a record must be a JSON object, got {type(obj).__name__}", "malformed_json")
@@ -203,7 +203,7 @@ def normalize_record(obj: Any) -> Conversation:
             raise SampleError(f"turn {i} needs a role in {sorted(ROLE_ALIASES)} and a text content, got "
                               f"role={role!r} content={type(content).__name__}", "missing_fields")
         messages.append((ROLE_ALIASES[role], content))
-    if not any(r == "assistant" for r, _ in messages):
+    if require_answer and not any(r == "assistant" for r, _ in messages):
         raise SampleError("record has no assistant turn (nothing to learn)", "missing_fields")
     return Conversation(messages, _media_list(obj, "images", "image"), _media_list(obj, "videos", "video"))
 

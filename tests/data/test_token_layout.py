@@ -132,3 +132,24 @@ def test_tile_order_equals_token_block_order_in_a_batch(tmp_path, demo_tok, tiny
     thumb = batch["pixel_values"][0].mean((1, 2))
     assert thumb[0] > 0 and thumb[2] > 0  # the thumbnail shows both halves
     assert torch.equal(batch["loss_mask"], (batch["labels"] != IGNORE_INDEX).float())
+
+
+def test_prompt_matches_the_training_layout(demo_dir, demo_tok, tiny_cfg, cache_dir):
+    """The held-out prompt is the training document up to the answer, plus the assistant header."""
+    import json
+    import os
+
+    from megatron_vita.data.loader import RecordEvaluator
+    from megatron_vita.data.readers import normalize_record
+    from megatron_vita.data.recipe import load_recipe
+
+    recipe = load_recipe(os.path.join(os.path.dirname(__file__), "..", "..", "data_recipes", "demo.yaml"), demo_dir)
+    ev = RecordEvaluator(recipe, demo_tok, tiny_cfg, demo_dir, cache_dir)
+    with open(os.path.join(demo_dir, "heldout", "heldout.jsonl")) as f:
+        record = json.loads(f.readline())
+    ids, pixels, answer = ev.prompt(record)
+    assert answer == record["answer"] and pixels.shape == (1, 3, 56, 56) and pixels.dtype == torch.float32
+    full, _ = ev.builder.fit(normalize_record(record), demo_dir)
+    answer_ids = demo_tok(answer, add_special_tokens=False)["input_ids"]
+    assert full.input_ids[:len(ids)] == ids and full.input_ids[len(ids):len(ids) + len(answer_ids)] == answer_ids
+    assert demo_tok.decode(ids[-3:]) == "<|im_start|>assistant\n"
