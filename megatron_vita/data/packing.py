@@ -34,9 +34,21 @@ class Packer:
         self.num_buffers = num_buffers
         # key -> list of refs; per_source keys are dataset indices, shared keys 0..N-1.
         self.buffers: Dict[int, List[SampleRef]] = {}
+        # key -> tokens in that buffer (kept incrementally: a 1M-token buffer holds thousands of refs).
+        self._lens: Dict[int, int] = {}
 
     def _len(self, key: int) -> int:
-        return sum(r[2] for r in self.buffers.get(key, ()))
+        return self._lens.get(key, 0)
+
+    def _append(self, key: int, ref: SampleRef) -> None:
+        self.buffers.setdefault(key, []).append(ref)
+        self._lens[key] = self._lens.get(key, 0) + ref[2]
+
+    def _replace(self, key: int, ref: SampleRef) -> List[SampleRef]:
+        out = self.buffers.get(key, [])
+        self.buffers[key] = [ref]
+        self._lens[key] = ref[2]
+        return out
 
     def add(self, ref: SampleRef) -> List[List[SampleRef]]:
         if ref[2] > self.seq_length:
@@ -46,26 +58,23 @@ class Packer:
         if self.mode == "per_source":
             key = ref[0]
             if self._len(key) + ref[2] <= self.seq_length:
-                self.buffers.setdefault(key, []).append(ref)
+                self._append(key, ref)
                 return []
-            out = self.buffers[key]
-            self.buffers[key] = [ref]
-            return [out]
+            return [self._replace(key, ref)]
         lens = [self._len(k) for k in range(self.num_buffers)]
         shortest = min(range(self.num_buffers), key=lambda k: (lens[k], k))
         if lens[shortest] + ref[2] <= self.seq_length:
-            self.buffers.setdefault(shortest, []).append(ref)
+            self._append(shortest, ref)
             return []
         longest = max(range(self.num_buffers), key=lambda k: (lens[k], -k))
-        out = self.buffers[longest]
-        self.buffers[longest] = [ref]
-        return [out]
+        return [self._replace(longest, ref)]
 
     def state_dict(self) -> dict:
         return {"buffers": [[k, [list(r) for r in v]] for k, v in sorted(self.buffers.items()) if v]}
 
     def load_state_dict(self, d: dict) -> None:
         self.buffers = {int(k): [tuple(int(x) for x in r) for r in v] for k, v in d["buffers"]}
+        self._lens = {k: sum(r[2] for r in v) for k, v in self.buffers.items()}
 
 
 def collate_packs(rows: Sequence[Sequence[Tuple[Sequence[int], Sequence[int], np.ndarray]]], seq_length: int,
