@@ -95,6 +95,7 @@ def test_good_recipe_and_training_section_passes_through(tmp_path):
     ("stage: 2", "stage: 7", ":2: stage: expected 1..4"),
     ("{group: c, path: c.jsonl", "{group: c, path: a.jsonl", ":13: datasets[2].path: a.jsonl is listed twice"),
     ("name: t\n", "", ":1: name: required key is missing"),
+    ("model: tiny\n", "model: tiny\nstage: 3\n", ":5: invalid YAML: duplicate key 'stage'"),
 ])
 def test_errors_name_the_recipe_line(tmp_path, old, new, where):
     (tmp_path / "a.jsonl").write_text("{}\n")
