@@ -11,7 +11,7 @@ tiles, 4 feature tokens per tile, vocabulary 512) can learn it in minutes on 2 C
     OUT/train/{image_colour,image_shape,video_motion,text}.jsonl   Long-VITA JSONL
     OUT/train/images/*.png|jpg, OUT/train/videos/*.mp4, OUT/train/frames/<clip>/*.jpg
     OUT/heldout/heldout.jsonl     unseen images/videos; each record adds "qtype" and "answer"
-    OUT/heldout/meta.json         per question type: the answer set, the count and the chance level
+    OUT/heldout/meta.json         per question type: the answer set (and token ids), the count and the chance level
 
 Question types (closed answer sets): colour (6 colours), shape (3 shapes), motion (4 directions).
 """
@@ -156,7 +156,7 @@ def _write_jsonl(path: str, records: List[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
 
 
-def train_tokenizer(texts: List[str], out_dir: str) -> None:
+def train_tokenizer(texts: List[str], out_dir: str):
     """Byte-level BPE on the demo text; ChatML + the 17 Long-VITA tokens are the last 20 ids."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -185,6 +185,7 @@ def train_tokenizer(texts: List[str], out_dir: str) -> None:
         "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     )
     hf.save_pretrained(out_dir)
+    return hf
 
 
 def make_demo(out: str, seed: int = 0, scale: float = 1.0, overwrite: bool = False) -> dict:
@@ -204,17 +205,21 @@ def make_demo(out: str, seed: int = 0, scale: float = 1.0, overwrite: bool = Fal
     _write_jsonl(os.path.join(out, "train", "text.jsonl"), text)
     held_all = held["image_colour"] + held["image_shape"] + held["video_motion"]
     _write_jsonl(os.path.join(out, "heldout", "heldout.jsonl"), held_all)
+    corpus = [m["content"] for recs in list(train.values()) + [text, held_all] for r in recs for m in r["messages"]]
+    corpus += ["user", "assistant", "system", "You are a helpful assistant.", "\n"]
+    hf = train_tokenizer(corpus, os.path.join(out, "tokenizer"))
     meta = {"question_types": {}, "num_samples": len(held_all),
             "note": "records carry qtype and answer; accuracy = exact match of the answer word"}
     for qtype, answers in ANSWERS.items():
         count = sum(1 for r in held_all if r["qtype"] == qtype)
-        meta["question_types"][qtype] = {"answers": answers, "count": count, "chance": 1.0 / len(answers)}
+        meta["question_types"][qtype] = {
+            "answers": answers, "count": count, "chance": 1.0 / len(answers),
+            # Token ids of each answer (single tokens on the demo corpus): lets scoring compare logits.
+            "answer_token_ids": [hf(a, add_special_tokens=False)["input_ids"] for a in answers],
+        }
     meta["chance_overall"] = sum(v["count"] * v["chance"] for v in meta["question_types"].values()) / len(held_all)
     with open(os.path.join(out, "heldout", "meta.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
-    corpus = [m["content"] for recs in list(train.values()) + [text, held_all] for r in recs for m in r["messages"]]
-    corpus += ["user", "assistant", "system", "You are a helpful assistant.", "\n"]
-    train_tokenizer(corpus, os.path.join(out, "tokenizer"))
     manifest = {
         "seed": seed, "scale": scale, "tokenizer": "tokenizer", "model_preset": "tiny", "image_size": SIZE,
         "train": {k: {"file": f"train/{k}.jsonl", "count": len(v)} for k, v in list(train.items()) + [("text", text)]},

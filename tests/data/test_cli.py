@@ -36,6 +36,8 @@ def test_make_demo_is_deterministic_and_heldout_is_unseen(tmp_path, capsys):
     meta = json.load(open(os.path.join(a, "heldout", "meta.json")))
     assert meta["question_types"]["colour"]["chance"] == pytest.approx(1 / 6)
     assert set(meta["question_types"]) == {"colour", "shape", "motion"}
+    for q in meta["question_types"].values():
+        assert all(len(ids) == 1 for ids in q["answer_token_ids"]) and len(set(map(tuple, q["answer_token_ids"]))) == len(q["answers"])
     for line in open(os.path.join(a, "heldout", "heldout.jsonl")):
         r = json.loads(line)
         assert r["answer"] in meta["question_types"][r["qtype"]]["answers"]
