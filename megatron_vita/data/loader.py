@@ -6,7 +6,8 @@ DataLoader workers only materialise those plans (decode media, build tensors), s
 deterministic for any number of workers and the resume state never depends on them.
 
 Batch (dict), see packing.collate_packs: tokens, labels (pre-shifted), loss_mask, position_ids,
-pixel_values, image_indices, num_samples, and with reset packing cu_seqlens + max_seqlen.
+pixel_values, image_indices, num_samples, samples (the (dataset, record) ids per row), and with
+reset packing cu_seqlens + max_seqlen.
 
 `state_dict()` is small, JSON-serialisable and identical on every DP rank: the planner snapshot
 after the last fully consumed round (stream position, packer buffers of indices, global
@@ -161,6 +162,8 @@ class PackDataset(torch.utils.data.Dataset):
                               ev.num_image_token, ev.tokens.context_ids, ev.image_size, self.with_cu_seqlens,
                               normalize=self.normalize)
         batch["micro_batch"] = plan["micro_batch"]
+        # (dataset, record) of every planned document per row: lets a run be audited sample by sample.
+        batch["samples"] = [[[int(r[0]), int(r[1])] for r in pack] for pack in plan["packs"]]
         batch["worker_stats"] = stats.state_dict()
         return batch
 

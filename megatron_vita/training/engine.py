@@ -1,4 +1,4 @@
-"""One optimizer step of Long-VITA on megatron-core: DDP wrapping, the optimizer, loss, schedule.
+"""One optimizer step of Long-VITA on megatron-core: DDP wrapping, the loss, the schedule.
 
 The loss is Long-VITA's: token-mean cross entropy over the supervised tokens of each
 micro-batch, averaged over the micro-batches of the step and over data-parallel ranks (megatron
@@ -14,22 +14,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
 from megatron_vita.parallel.pipeline import model_inputs, run_schedule
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-5
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    use_distributed_optimizer: bool = False
-    bf16: bool = False
 
 
 def wrap_ddp(chunks: Sequence[torch.nn.Module], use_distributed_optimizer: bool = False,
@@ -51,17 +37,6 @@ def wrap_ddp(chunks: Sequence[torch.nn.Module], use_distributed_optimizer: bool 
     config.grad_sync_func = None
     config.param_sync_func = None
     return wrapped
-
-
-def build_optimizer(ddp_chunks: Sequence[DistributedDataParallel], optim: OptimConfig):
-    config = OptimizerConfig(
-        optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
-        adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
-        clip_grad=optim.clip_grad, bf16=optim.bf16,
-        params_dtype=torch.bfloat16 if optim.bf16 else torch.float32,
-        use_distributed_optimizer=optim.use_distributed_optimizer,
-    )
-    return get_megatron_optimizer(config, list(ddp_chunks))
 
 
 def loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):

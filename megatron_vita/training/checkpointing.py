@@ -1,0 +1,169 @@
+"""Training checkpoints: megatron-core dist checkpoints (torch_dist) in Megatron-LM's layout.
+
+    SAVE/iter_0000100/              a dist checkpoint (any TP/PP/DP can load it)
+    SAVE/latest_checkpointed_iteration.txt
+
+The state holds `model` (`model0`, `model1`, ... per virtual-pipeline chunk, as Megatron-LM),
+`optimizer` (megatron's sharded optimizer state; the distributed optimizer in the
+fully-sharded model space), `opt_param_scheduler`, `rng_state` (per TP/PP rank), `iteration`,
+`args`, `model_config` and `data_state` (the loader's resume state, the same on every DP rank).
+
+Saving is atomic: ranks write into `SAVE/.iter_0000100.partial`, rank 0 renames it into place
+after every rank finished, and updates `latest_checkpointed_iteration.txt` last (via a rename),
+so an interrupted save never looks like a checkpoint and `latest` always names a complete one.
+
+Model weights reshard on load (dist checkpointing): a checkpoint saved at one TP/PP loads at
+another. Optimizer state also loads across layouts when both runs use the same optimizer kind
+(the distributed optimizer saves in the model space); otherwise pass --no-load-optim.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+from megatron_vita.checkpoint.dist_writer import save_in_process
+from megatron_vita.checkpoint.safe_load import safe_torch_load
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def latest_iteration(root: str) -> Optional[int]:
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    text = open(path, encoding="utf-8").read().strip()
+    if not text.isdigit():
+        raise ValueError(f"{path}: expected an iteration number, found {text[:40]!r}")
+    it = int(text)
+    if not os.path.isdir(iteration_dir(root, it)):
+        raise FileNotFoundError(f"{path} names iteration {it} but {iteration_dir(root, it)} does not exist")
+    return it
+
+
+def _model_keys(n_chunks: int):
+    return ["model"] if n_chunks == 1 else [f"model{i}" for i in range(n_chunks)]
+
+
+def _model_sharded_state(chunks: Sequence[torch.nn.Module]) -> Dict[str, Any]:
+    from megatron_vita.parallel.state import virtual_pipeline_rank
+
+    state = {}
+    for i, (key, chunk) in enumerate(zip(_model_keys(len(chunks)), chunks)):
+        with virtual_pipeline_rank(i):
+            state[key] = chunk.sharded_state_dict()
+    return state
+
+
+def _rng_state() -> Dict[str, Any]:
+    return {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+
+
+def _rng_object(state) -> ShardedObject:
+    return ShardedObject(
+        "rng_state", state,
+        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+        replica_id=ps.get_data_parallel_rank(with_context_parallel=True),
+    )
+
+
+def _unwrap(chunks):
+    return [getattr(c, "module", c) for c in chunks]
+
+
+def save_checkpoint(root: str, iteration: int, ddp_chunks, optimizer, scheduler, *, args, model_config,
+                    data_state: Optional[dict]) -> str:
+    """Write iteration `iteration` under `root` (all ranks call this)."""
+    final = iteration_dir(root, iteration)
+    partial = os.path.join(root, f".iter_{iteration:07d}.partial")
+    rank0 = torch.distributed.get_rank() == 0
+    if rank0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted save
+        os.makedirs(partial)
+    torch.distributed.barrier()
+    chunks = _unwrap(ddp_chunks)
+    state = _model_sharded_state(chunks)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state)
+
+    state.update(
+        opt_param_scheduler=scheduler.state_dict() if scheduler is not None else None,
+        rng_state=_rng_object(_rng_state()),
+        iteration=iteration,
+        checkpoint_version=3.0,
+        args=args,
+        model_config=model_config.to_dict(),
+        data_state=data_state,
+    )
+    # megatron's own writer would fork next to the data pipeline's threads (see dist_writer).
+    save_in_process(state, partial)
+    torch.distributed.barrier()
+    if rank0:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        tmp = os.path.join(root, TRACKER + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(str(iteration))
+        os.replace(tmp, os.path.join(root, TRACKER))
+    torch.distributed.barrier()
+    return final
+
+
+def _check_common_state_is_safe(path: str) -> None:
+    """megatron reads common.pt with weights_only=False: refuse a pickle that wants to run code."""
+    common = os.path.join(path, "common.pt")
+    if os.path.isfile(common):
+        safe_torch_load(common)
+
+
+def load_checkpoint(root: str, ddp_chunks, optimizer=None, scheduler=None, *, load_optim: bool = True,
+                    load_rng: bool = True, finetune: bool = False) -> Dict[str, Any]:
+    """Load the latest checkpoint under `root` into the chunks (and optimizer/scheduler/RNG).
+
+    Returns {"iteration", "data_state", "model_config"}; iteration is 0 and data_state None with
+    `finetune` (weights only, a new run).
+    """
+    iteration = latest_iteration(root)
+    if iteration is None:
+        raise FileNotFoundError(f"--load {root}: no {TRACKER} (not a checkpoint directory, or never saved)")
+    path = iteration_dir(root, iteration)
+    _check_common_state_is_safe(path)
+    chunks = _unwrap(ddp_chunks)
+    template = _model_sharded_state(chunks)
+    with_optim = optimizer is not None and load_optim and not finetune
+    if with_optim:
+        template["optimizer"] = optimizer.sharded_state_dict(template, is_loading=True)
+    if load_rng and not finetune:
+        template["rng_state"] = _rng_object(_rng_state())
+    state = dist_checkpointing.load(template, path)
+    for key, chunk in zip(_model_keys(len(chunks)), chunks):
+        missing, unexpected = chunk.load_state_dict(state[key], strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise ValueError(f"{path}: model keys do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if with_optim:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and not finetune and state.get("opt_param_scheduler"):
+        scheduler.load_state_dict(state["opt_param_scheduler"])
+    if load_rng and not finetune:
+        rng = state["rng_state"]
+        torch.set_rng_state(rng["cpu"])
+        get_cuda_rng_tracker().set_states(rng["tracker"])
+    return {
+        "iteration": 0 if finetune else int(state["iteration"]),
+        "data_state": None if finetune else state.get("data_state"),
+        "model_config": state.get("model_config"),
+    }

@@ -1,0 +1,234 @@
+"""Training configuration: Megatron-style flags, a recipe's `training:` section, stage defaults.
+
+One table (`FLAGS`) declares every training option once: its Megatron flag, type and help. The
+same table builds the argparse parser and validates a recipe's `training:` mapping (keys are
+the flag names, with - or _), so a recipe can set anything a flag can. Precedence: command-line
+flag > recipe `training:` > the stage's defaults (Long-VITA's recipe) > the built-in default.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Optional
+
+from megatron_vita.config.parallel import ParallelConfig
+
+
+@dataclass
+class TrainConfig:
+    # What to train on
+    recipe: str = ""
+    data_root: str = "."
+    stage: Optional[int] = None
+    model: Optional[str] = None  # preset name or HF dir (default: the recipe's model)
+    tokenizer: Optional[str] = None
+    init_hf: Optional[str] = None  # start from an HF checkpoint, converted on the fly
+    # Parallel layout
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    num_layers_per_virtual_pipeline_stage: Optional[int] = None
+    context_parallel_size: int = 1
+    context_parallel_algo: str = "ring"
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    decoder_first_pipeline_num_layers: Optional[int] = None
+    decoder_last_pipeline_num_layers: Optional[int] = None
+    # Batch
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    seq_length: Optional[int] = None  # default: the recipe's
+    # Optimizer and schedule (Adam 0.9/0.999, wd 0, clip 1.0, cosine with warmup)
+    lr: Optional[float] = None
+    min_lr: Optional[float] = None
+    lr_warmup_fraction: float = 0.03
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    vision_lr_mult: Optional[float] = None
+    vision_layer_decay: Optional[float] = None
+    train_iters: int = 100
+    seed: int = 1234
+    bf16: bool = False
+    make_vocab_size_divisible_by: int = 1
+    no_logits_mask: bool = False
+    # Memory
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
+    # Checkpoints
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_interval: Optional[int] = None
+    finetune: bool = False
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+    export_hf: Optional[str] = None
+    # Logging and data loading
+    log_interval: int = 1
+    tensorboard_dir: Optional[str] = None
+    metrics_file: Optional[str] = None
+    loss_curve: Optional[str] = None
+    num_workers: int = 2
+    nproc_per_node: Optional[int] = None
+    # Which modules train (default: the stage's)
+    freeze_vision: Optional[bool] = None
+    freeze_projector: Optional[bool] = None
+    freeze_language: Optional[bool] = None
+
+    @property
+    def parallel(self) -> ParallelConfig:
+        return ParallelConfig(
+            tensor_model_parallel_size=self.tensor_model_parallel_size,
+            pipeline_model_parallel_size=self.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=None,  # resolved against the layer count by the loop
+            context_parallel_size=self.context_parallel_size,
+            context_parallel_algo=self.context_parallel_algo,
+            sequence_parallel=self.sequence_parallel,
+            use_distributed_optimizer=self.use_distributed_optimizer,
+            num_layers_in_first_pipeline_stage=self.decoder_first_pipeline_num_layers,
+            num_layers_in_last_pipeline_stage=self.decoder_last_pipeline_num_layers,
+        )
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node or self.parallel.model_parallel_size
+
+
+HELP: Dict[str, str] = {
+    "recipe": "stage recipe YAML (data_recipes/stageN.yaml or demo.yaml)",
+    "data_root": "folder the recipe's JSONL paths (and tokenizer) are relative to",
+    "stage": "Long-VITA stage 1-4: which modules train and the LR defaults (default: the recipe's)",
+    "model": "model preset (tiny, long-vita-14b) or HF checkpoint dir for sizes (default: the recipe's)",
+    "tokenizer": "HF tokenizer dir (default: the recipe's, under --data-root)",
+    "init_hf": "initialise weights from a Long-VITA HF checkpoint (converted on the fly)",
+    "num_layers_per_virtual_pipeline_stage": "LLM layers per virtual pipeline chunk (interleaved 1F1B)",
+    "decoder_first_pipeline_num_layers": "LLM layers on the first pipeline stage (uneven split)",
+    "decoder_last_pipeline_num_layers": "LLM layers on the last pipeline stage (uneven split)",
+    "global_batch_size": "sequences per optimizer step over all data-parallel ranks",
+    "seq_length": "packed sequence length (default: the recipe's seq_length)",
+    "lr": "peak learning rate (default: the stage's)",
+    "min_lr": "final learning rate of the cosine decay (default: the stage's)",
+    "lr_warmup_fraction": "fraction of --train-iters spent in linear warmup",
+    "vision_lr_mult": "ViT learning-rate multiplier (stage 2: 0.1)",
+    "vision_layer_decay": "ViT layer-wise LR decay d: layer l gets d^(L+1-l) (stage 2: 0.9)",
+    "no_logits_mask": "compute full logits in training instead of the logits-masked head",
+    "save": "checkpoint directory (iter_XXXXXXX/ + latest_checkpointed_iteration.txt)",
+    "load": "resume from this checkpoint directory (model, optimizer, scheduler, RNG, data order)",
+    "finetune": "with --load: take only the model weights and start at iteration 0",
+    "export_hf": "after training, write the model in the HF layout to this directory",
+    "metrics_file": "JSON lines, one per iteration (loss, lr, grad norm, samples)",
+    "loss_curve": "PNG of the loss curve written at the end (default: <save>/loss_curve.png)",
+    "num_workers": "DataLoader workers per rank",
+    "nproc_per_node": "ranks to spawn when not launched by torchrun (default: TP*PP*CP)",
+}
+
+BOOL_FLAGS = {f.name for f in fields(TrainConfig) if f.type in ("bool", "Optional[bool]")}
+STAGE_OWNED = {"lr", "min_lr", "vision_lr_mult", "vision_layer_decay", "freeze_vision", "freeze_projector",
+               "freeze_language"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every TrainConfig field as a Megatron-style flag; defaults stay None so sources can merge."""
+    types = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float,
+             "Optional[str]": str}
+    for f in fields(TrainConfig):
+        help_text = HELP.get(f.name, "")
+        if f.name in BOOL_FLAGS:
+            parser.add_argument(_flag(f.name), dest=f.name, action="store_true", default=None, help=help_text)
+        else:
+            parser.add_argument(_flag(f.name), dest=f.name, type=types[f.type], default=None,
+                                required=f.name == "recipe", help=help_text or None)
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    f = next((f for f in fields(TrainConfig) if f.name == name), None)
+    if f is None:
+        known = ", ".join(sorted(_flag(x.name)[2:] for x in fields(TrainConfig)))
+        raise ValueError(f"{where}: unknown training option '{name}' (known: {known})")
+    kind = f.type.replace("Optional[", "").rstrip("]")
+    if value is None:
+        return None
+    try:
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        return {"int": int, "float": float, "str": str}[kind](value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: training option '{name}' expects {kind}, got {value!r}") from None
+
+
+def merge(cli: argparse.Namespace, recipe_training: Dict[str, Any], recipe_path: str,
+          stage_defaults: Dict[str, Any]) -> TrainConfig:
+    """flag > recipe training: > stage defaults > dataclass default."""
+    values: Dict[str, Any] = {}
+    for key, value in (recipe_training or {}).items():
+        name = str(key).replace("-", "_")
+        line = getattr(recipe_training, "key_lines", {}).get(key)
+        values[name] = _coerce(name, value, f"{recipe_path}:{line}" if line else recipe_path)
+    for name, value in stage_defaults.items():
+        values.setdefault(name, value)
+    for f in fields(TrainConfig):
+        flag_value = getattr(cli, f.name, None)
+        if flag_value is not None:
+            values[f.name] = flag_value
+    return TrainConfig(**{k: v for k, v in values.items() if v is not None})
+
+
+def to_namespace(cfg: TrainConfig) -> argparse.Namespace:
+    """The Megatron-style `args` Namespace stored in checkpoints."""
+    return argparse.Namespace(**{f.name: getattr(cfg, f.name) for f in fields(cfg)})
+
+
+def flags_of(cfg: TrainConfig, names: List[str]) -> List[str]:
+    """Command-line flags reproducing the given fields (for spawning ranks or printing a launch line)."""
+    out: List[str] = []
+    for name in names:
+        value = getattr(cfg, name)
+        if value is None or value is False:
+            continue
+        out += [_flag(name)] if value is True else [_flag(name), str(value)]
+    return out
+
+
+@dataclass
+class StageSpec:
+    """What Long-VITA's stage N trains, and its learning rates."""
+
+    train_vision: bool
+    train_projector: bool
+    train_language: bool
+    lr: float
+    min_lr: float
+    vision_lr_mult: float = 1.0
+    vision_layer_decay: float = 1.0
+    notes: List[str] = field(default_factory=list)
+
+    def defaults(self) -> Dict[str, Any]:
+        return {"lr": self.lr, "min_lr": self.min_lr, "vision_lr_mult": self.vision_lr_mult,
+                "vision_layer_decay": self.vision_layer_decay, "freeze_vision": not self.train_vision,
+                "freeze_projector": not self.train_projector, "freeze_language": not self.train_language}
+
+
+STAGES: Dict[int, StageSpec] = {
+    1: StageSpec(False, True, False, lr=1e-3, min_lr=1e-5, notes=["projector only (vision-language alignment)"]),
+    2: StageSpec(True, True, True, lr=1e-5, min_lr=1e-7, vision_lr_mult=0.1, vision_layer_decay=0.9,
+                 notes=["everything; ViT LR x0.1 with layer-wise decay 0.9^(L+1-layer)"]),
+    3: StageSpec(False, True, True, lr=5e-6, min_lr=1e-7, notes=["LLM + projector, 128K context"]),
+    4: StageSpec(False, True, True, lr=5e-6, min_lr=1e-7, notes=["LLM + projector, 1M context, logits mask"]),
+}
+
+
+def stage_defaults(stage: Optional[int]) -> Dict[str, Any]:
+    if stage is None:
+        return {}
+    if stage not in STAGES:
+        raise ValueError(f"--stage {stage}: Long-VITA has stages {sorted(STAGES)}")
+    return STAGES[stage].defaults()

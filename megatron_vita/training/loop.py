@@ -1,0 +1,145 @@
+"""The training run of one rank: build, initialise, resume, iterate, log, save.
+
+Order matters for exact resume: model -> initial weights (HF or random) -> stage freezing ->
+DDP -> optimizer -> scheduler -> `--load` (model, optimizer, scheduler, RNG, data state) ->
+loader built from the saved data state. Every iteration then consumes exactly the micro-batches
+an uninterrupted run would have (the loader's state is global, not per worker), so losses after
+a resume equal those of a run that never stopped.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, Optional
+
+import torch
+
+from megatron_vita.config import ModelConfig, ParallelConfig, resolve_model_config
+from megatron_vita.training.config import TrainConfig, to_namespace
+
+
+def resolve_model(cfg: TrainConfig, recipe, tokenizer) -> ModelConfig:
+    """Model sizes from --model / --init-hf / the recipe, with token ids taken from the tokenizer."""
+    from megatron_vita.data.template import token_ids_from_tokenizer
+
+    spec = cfg.init_hf or cfg.model or recipe.model
+    model = resolve_model_config(spec)
+    tokens = token_ids_from_tokenizer(tokenizer)
+    if len(tokenizer) > model.language.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than model '{spec}' has embeddings "
+                         f"({model.language.vocab_size})")
+    if cfg.init_hf and tokens != model.tokens:
+        raise ValueError(f"--init-hf {cfg.init_hf}: its special-token ids differ from the tokenizer's "
+                         f"({model.tokens.special} vs {tokens.special}); train with the tokenizer it was made for")
+    model.tokens = tokens
+    return model.validate()
+
+
+def _layout(cfg: TrainConfig, model: ModelConfig, world: int) -> ParallelConfig:
+    par = cfg.parallel
+    if cfg.num_layers_per_virtual_pipeline_stage:
+        per_rank = model.language.num_layers // par.pp
+        if per_rank % cfg.num_layers_per_virtual_pipeline_stage:
+            raise ValueError(f"--num-layers-per-virtual-pipeline-stage {cfg.num_layers_per_virtual_pipeline_stage} "
+                             f"does not divide the {per_rank} layers per pipeline stage")
+        par.virtual_pipeline_model_parallel_size = per_rank // cfg.num_layers_per_virtual_pipeline_stage
+    return par.validate(model, world)
+
+
+def _micro_batches_per_step(cfg: TrainConfig, dp: int) -> int:
+    per_step = cfg.micro_batch_size * dp
+    if cfg.global_batch_size % per_step:
+        raise ValueError(f"--global-batch-size {cfg.global_batch_size} is not a multiple of "
+                         f"--micro-batch-size {cfg.micro_batch_size} x data-parallel size {dp}")
+    return cfg.global_batch_size // per_step
+
+
+def train(cfg: TrainConfig) -> Dict[str, float]:
+    """Run on every rank (process group already initialised). Returns the last iteration's stats."""
+    from megatron_vita import platform
+    from megatron_vita.checkpoint.hf_io import HFCheckpoint
+    from megatron_vita.checkpoint.model_io import load_hf_weights
+    from megatron_vita.data.loader import build_train_loader
+    from megatron_vita.data.recipe import load_recipe
+    from megatron_vita.data.template import load_tokenizer
+    from megatron_vita.models.long_vita.builder import BuildOptions, build_model_chunks
+    from megatron_vita.parallel.state import destroy_parallel, initialize_parallel
+    from megatron_vita.training import checkpointing
+    from megatron_vita.training.engine import train_step, wrap_ddp
+    from megatron_vita.training.monitor import TrainLogger
+    from megatron_vita.training.optimizer import (OptimConfig, assign_vision_lr_multipliers, build_optimizer,
+                                                  build_scheduler)
+
+    plat = platform.current()
+    world = torch.distributed.get_world_size()
+    recipe = load_recipe(cfg.recipe, cfg.data_root)
+    if cfg.seq_length:
+        recipe.seq_length = cfg.seq_length
+    tokenizer = load_tokenizer(cfg.tokenizer or recipe.resolve(cfg.data_root, recipe.tokenizer or "tokenizer"))
+    model_config = resolve_model(cfg, recipe, tokenizer)
+    par = _layout(cfg, model_config, world)
+    info = initialize_parallel(par, cfg.seed)
+    n_micro = _micro_batches_per_step(cfg, info.dp_size)
+    try:
+        chunks = build_model_chunks(model_config, par, BuildOptions(
+            params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
+            make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
+            recompute_granularity=cfg.recompute_granularity, recompute_method=cfg.recompute_method,
+            recompute_num_layers=cfg.recompute_num_layers, logits_mask=not cfg.no_logits_mask))
+        if cfg.init_hf:
+            load_hf_weights(chunks, HFCheckpoint(cfg.init_hf), model_config, par)
+        for chunk in chunks:
+            chunk.freeze(vision=bool(cfg.freeze_vision), projector=bool(cfg.freeze_projector),
+                         language=bool(cfg.freeze_language))
+        assign_vision_lr_multipliers(chunks, cfg.vision_lr_mult or 1.0, cfg.vision_layer_decay or 1.0)
+        ddp = wrap_ddp(chunks, cfg.use_distributed_optimizer)
+        optim = OptimConfig(lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+                            adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
+                            clip_grad=cfg.clip_grad, use_distributed_optimizer=cfg.use_distributed_optimizer,
+                            bf16=cfg.bf16)
+        optimizer = build_optimizer(ddp, optim)
+        scheduler = build_scheduler(optimizer, optim, cfg.train_iters, cfg.lr_warmup_fraction, cfg.lr_decay_style)
+        start, data_state = 0, None
+        if cfg.load:
+            loaded = checkpointing.load_checkpoint(cfg.load, ddp, optimizer, scheduler,
+                                                   load_optim=not cfg.no_load_optim, load_rng=not cfg.no_load_rng,
+                                                   finetune=cfg.finetune)
+            start, data_state = loaded["iteration"], loaded["data_state"]
+            if cfg.finetune or cfg.no_load_optim:
+                optimizer.reload_model_params()
+        loader = build_train_loader(recipe, tokenizer=tokenizer, model_config=model_config, data_root=cfg.data_root,
+                                    seed=cfg.seed, dp_rank=info.dp_rank, dp_size=info.dp_size,
+                                    micro_batch_size=cfg.micro_batch_size, num_workers=cfg.num_workers,
+                                    state=data_state)
+        log = TrainLogger(cfg, plat, start=start, n_chunks=len(chunks))
+        log.banner(model_config, par, info, n_micro, chunks, optimizer)
+        last: Dict[str, float] = {}
+        for iteration in range(start + 1, cfg.train_iters + 1):
+            t0 = time.perf_counter()
+            micro = [next(loader) for _ in range(n_micro)]
+            result = train_step(ddp, optimizer, micro)
+            scheduler.step(increment=1)
+            last = log.iteration(iteration, result, micro, optimizer, time.perf_counter() - t0)
+            if cfg.save and cfg.save_interval and iteration % cfg.save_interval == 0 and iteration < cfg.train_iters:
+                checkpointing.save_checkpoint(cfg.save, iteration, ddp, optimizer, scheduler, args=to_namespace(cfg),
+                                              model_config=model_config, data_state=loader.state_dict())
+        if cfg.save and cfg.train_iters > start:
+            checkpointing.save_checkpoint(cfg.save, cfg.train_iters, ddp, optimizer, scheduler,
+                                          args=to_namespace(cfg), model_config=model_config,
+                                          data_state=loader.state_dict())
+        log.finish(loader.stats())
+        loader.close()
+        return last
+    finally:
+        destroy_parallel()
+
+
+def rank_main(rank: int, world: int, cfg: TrainConfig) -> Optional[Dict[str, float]]:
+    """Entry of a rank spawned by `megatron-vita train` (gloo/nccl/hccl group already up)."""
+    return train(cfg)
+
+
+def default_loss_curve(cfg: TrainConfig) -> Optional[str]:
+    if cfg.loss_curve:
+        return cfg.loss_curve
+    return os.path.join(cfg.save, "loss_curve.png") if cfg.save else None
