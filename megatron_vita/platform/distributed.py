@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import queue as queue_mod
+import signal
 import socket
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -47,7 +49,19 @@ def init_distributed(platform: Optional[Platform] = None, timeout_minutes: int =
     return platform
 
 
+def _die_with_parent() -> None:
+    """Linux: a rank whose launcher is killed (kill -9, OOM) dies too instead of hanging in a collective."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
 def _worker(rank, world_size, port, backend, threads, fn, args, queue):
+    _die_with_parent()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(threads)
