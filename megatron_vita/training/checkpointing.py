@@ -90,7 +90,9 @@ def save_checkpoint(root: str, iteration: int, ddp_chunks, optimizer, scheduler,
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
         os.makedirs(root, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted save
+        for name in os.listdir(root):  # left by interrupted saves
+            if name.startswith(".iter_") and name.endswith(".partial"):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         os.makedirs(partial)
     torch.distributed.barrier()
     chunks = _unwrap(ddp_chunks)

@@ -54,21 +54,49 @@ def _micro_batches_per_step(cfg: TrainConfig, dp: int) -> int:
     return cfg.global_batch_size // per_step
 
 
+def setup_model_and_optimizer(cfg: TrainConfig, model_config: ModelConfig, par: ParallelConfig):
+    """This rank's DDP-wrapped chunks, optimizer and LR scheduler, initialised as the stage says.
+
+    Megatron's process groups must exist. Initial weights: --init-hf, else megatron's random init
+    (--load is applied afterwards by the caller). Frozen modules get no gradient buffers.
+    """
+    from megatron_vita.checkpoint.hf_io import HFCheckpoint
+    from megatron_vita.checkpoint.model_io import load_hf_weights
+    from megatron_vita.models.long_vita.builder import BuildOptions, build_model_chunks
+    from megatron_vita.training.engine import wrap_ddp
+    from megatron_vita.training.optimizer import (OptimConfig, assign_vision_lr_multipliers, build_optimizer,
+                                                  build_scheduler)
+
+    chunks = build_model_chunks(model_config, par, BuildOptions(
+        params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
+        make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
+        recompute_granularity=cfg.recompute_granularity, recompute_method=cfg.recompute_method,
+        recompute_num_layers=cfg.recompute_num_layers, logits_mask=not cfg.no_logits_mask))
+    if cfg.init_hf:
+        load_hf_weights(chunks, HFCheckpoint(cfg.init_hf), model_config, par)
+    for chunk in chunks:
+        chunk.freeze(vision=bool(cfg.freeze_vision), projector=bool(cfg.freeze_projector),
+                     language=bool(cfg.freeze_language))
+    assign_vision_lr_multipliers(chunks, cfg.vision_lr_mult or 1.0, cfg.vision_layer_decay or 1.0)
+    ddp = wrap_ddp(chunks, cfg.use_distributed_optimizer)
+    optim = OptimConfig(lr=cfg.lr, min_lr=cfg.min_lr or 0.0, weight_decay=cfg.weight_decay,
+                        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
+                        clip_grad=cfg.clip_grad, use_distributed_optimizer=cfg.use_distributed_optimizer, bf16=cfg.bf16)
+    optimizer = build_optimizer(ddp, optim)
+    scheduler = build_scheduler(optimizer, optim, cfg.train_iters, cfg.lr_warmup_fraction, cfg.lr_decay_style)
+    return ddp, optimizer, scheduler
+
+
 def train(cfg: TrainConfig) -> Dict[str, float]:
     """Run on every rank (process group already initialised). Returns the last iteration's stats."""
     from megatron_vita import platform
-    from megatron_vita.checkpoint.hf_io import HFCheckpoint
-    from megatron_vita.checkpoint.model_io import load_hf_weights
     from megatron_vita.data.loader import build_train_loader
     from megatron_vita.data.recipe import load_recipe
     from megatron_vita.data.template import load_tokenizer
-    from megatron_vita.models.long_vita.builder import BuildOptions, build_model_chunks
     from megatron_vita.parallel.state import destroy_parallel, initialize_parallel
     from megatron_vita.training import checkpointing
-    from megatron_vita.training.engine import train_step, wrap_ddp
+    from megatron_vita.training.engine import train_step
     from megatron_vita.training.monitor import TrainLogger
-    from megatron_vita.training.optimizer import (OptimConfig, assign_vision_lr_multipliers, build_optimizer,
-                                                  build_scheduler)
 
     plat = platform.current()
     world = torch.distributed.get_world_size()
@@ -81,24 +109,7 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
     info = initialize_parallel(par, cfg.seed)
     n_micro = _micro_batches_per_step(cfg, info.dp_size)
     try:
-        chunks = build_model_chunks(model_config, par, BuildOptions(
-            params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
-            make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
-            recompute_granularity=cfg.recompute_granularity, recompute_method=cfg.recompute_method,
-            recompute_num_layers=cfg.recompute_num_layers, logits_mask=not cfg.no_logits_mask))
-        if cfg.init_hf:
-            load_hf_weights(chunks, HFCheckpoint(cfg.init_hf), model_config, par)
-        for chunk in chunks:
-            chunk.freeze(vision=bool(cfg.freeze_vision), projector=bool(cfg.freeze_projector),
-                         language=bool(cfg.freeze_language))
-        assign_vision_lr_multipliers(chunks, cfg.vision_lr_mult or 1.0, cfg.vision_layer_decay or 1.0)
-        ddp = wrap_ddp(chunks, cfg.use_distributed_optimizer)
-        optim = OptimConfig(lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
-                            adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
-                            clip_grad=cfg.clip_grad, use_distributed_optimizer=cfg.use_distributed_optimizer,
-                            bf16=cfg.bf16)
-        optimizer = build_optimizer(ddp, optim)
-        scheduler = build_scheduler(optimizer, optim, cfg.train_iters, cfg.lr_warmup_fraction, cfg.lr_decay_style)
+        ddp, optimizer, scheduler = setup_model_and_optimizer(cfg, model_config, par)
         start, data_state = 0, None
         if cfg.load:
             loaded = checkpointing.load_checkpoint(cfg.load, ddp, optimizer, scheduler,
@@ -111,8 +122,8 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
                                     seed=cfg.seed, dp_rank=info.dp_rank, dp_size=info.dp_size,
                                     micro_batch_size=cfg.micro_batch_size, num_workers=cfg.num_workers,
                                     state=data_state)
-        log = TrainLogger(cfg, plat, start=start, n_chunks=len(chunks))
-        log.banner(model_config, par, info, n_micro, chunks, optimizer)
+        log = TrainLogger(cfg, plat, start=start)
+        log.banner(model_config, par, info, n_micro, [m.module for m in ddp], optimizer)
         last: Dict[str, float] = {}
         for iteration in range(start + 1, cfg.train_iters + 1):
             t0 = time.perf_counter()

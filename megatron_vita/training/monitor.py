@@ -53,7 +53,7 @@ def plot_loss_curve(points: Sequence[Tuple[int, float]], path: str, title: str =
 
 
 class TrainLogger:
-    def __init__(self, cfg: TrainConfig, platform, start: int, n_chunks: int):
+    def __init__(self, cfg: TrainConfig, platform, start: int):
         self.cfg, self.platform = cfg, platform
         self.rank = torch.distributed.get_rank()
         self.writer = self.rank == 0

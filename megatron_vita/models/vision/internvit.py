@@ -57,8 +57,10 @@ class InternViTLayer(TransformerLayer):
                  hidden_dropout=None):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          hidden_dropout=hidden_dropout)
-        self.ls1 = torch.nn.Parameter(torch.ones(config.hidden_size, dtype=config.params_dtype))
-        self.ls2 = torch.nn.Parameter(torch.ones(config.hidden_size, dtype=config.params_dtype))
+        # InternViT initialises layer scale to 0.1 (its initializer_factor): an untrained block then
+        # perturbs the patch features instead of replacing them.
+        self.ls1 = torch.nn.Parameter(torch.full((config.hidden_size,), 0.1, dtype=config.params_dtype))
+        self.ls2 = torch.nn.Parameter(torch.full((config.hidden_size,), 0.1, dtype=config.params_dtype))
         self.self_attn_bda = _layer_scaled_bda(self, "ls1")
         self.mlp_bda = _layer_scaled_bda(self, "ls2")
 
@@ -139,6 +141,10 @@ class InternViTModel(MegatronModule):
                                      bias=True, dtype=config.params_dtype)
         self.class_token = torch.nn.Parameter(torch.zeros(1, 1, c, dtype=config.params_dtype))
         self.position_embeddings = torch.nn.Embedding(vision.seq_length, c, dtype=config.params_dtype)
+        # Same small normal init as the linears (nn.Embedding's default N(0, 1) would drown the
+        # patch features of an untrained tower in position signal).
+        config.init_method(self.position_embeddings.weight)
+        config.init_method(self.class_token)
         spec = layer_spec or vit_layer_spec()
         self.decoder = TransformerBlock(
             config=config,
