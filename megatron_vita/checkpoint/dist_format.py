@@ -33,6 +33,7 @@ import json
 import os
 import pickle
 import warnings
+from contextlib import contextmanager
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -134,12 +135,13 @@ class DistSource:
         common_path = os.path.join(self.iter_dir, COMMON)
         self.common = safe_torch_load(common_path) if os.path.isfile(common_path) else {}
         self.args = self.common.get("args")
-        if cfg is None:
-            if not isinstance(self.common.get("model_config"), dict):
-                raise ValueError(f"{common_path} carries no model_config: pass --model with a preset, a HF checkpoint "
-                                 "directory or a config JSON")
-            cfg = ModelConfig.from_dict(self.common["model_config"])
-        self.cfg = cfg
+        stored = self.common.get("model_config")
+        self.stored_cfg = ModelConfig.from_dict(stored) if isinstance(stored, dict) else None
+        self.cfg = cfg or self.stored_cfg
+        if self.cfg is None:
+            raise ValueError(f"{common_path} carries no model_config: pass --model with a preset, a HF checkpoint "
+                             "directory or a config JSON")
+        cfg = self.cfg
         tensors = {k: md for k, md in self.metadata.state_dict_metadata.items()
                    if isinstance(md, TensorStorageMetadata)}
         self.naming = mapping.detect_naming([k for k in tensors if not k.startswith(("optimizer", "rng_state"))])
@@ -156,7 +158,8 @@ class DistSource:
         self._reader.set_up_storage_reader(self.metadata, True)
 
     def _where(self, param: mapping.Param) -> Tuple[str, Optional[int]]:
-        return mapping.sharded_key(mapping.rename(param.name, self.naming))
+        keys = [mapping.sharded_key(n) for n in mapping.reader_names(param.name, self.naming)]
+        return next((k for k in keys if k[0] in self.tensors), keys[0])
 
     def _layers(self, param: mapping.Param) -> int:
         return self.cfg.vision.num_layers if param.rule.layer == "vit" else self.cfg.language.num_layers
@@ -193,25 +196,32 @@ class DistSource:
 
     def read_region(self, key: str, offsets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:
         """Elements [offsets, offsets + sizes) of the checkpoint tensor `key`."""
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
         from torch.distributed.checkpoint.planner import LoadPlan
-        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-        md = self.tensors[key]
-        dest = torch.empty(list(sizes), dtype=md.properties.dtype)
-        items = create_read_items_for_chunk_list(
-            key, md, [ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))])
-        self._reader.read_data(LoadPlan(items), _Into(dest)).wait()
+        dest = torch.empty(list(sizes), dtype=self.tensors[key].properties.dtype)
+        self._reader.read_data(LoadPlan(self._items(key, offsets, sizes)), _Into(dest)).wait()
         return dest
 
-    def full(self, param: mapping.Param) -> torch.Tensor:
+    def _items(self, key: str, offsets: Sequence[int], sizes: Sequence[int]):
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+        return create_read_items_for_chunk_list(
+            key, self.tensors[key], [ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))])
+
+    def _region_of(self, param: mapping.Param) -> Tuple[str, List[int], List[int], bool]:
         key, layer = self._where(param)
         size = list(self.tensors[key].size)
         if param.rule.shard == "vocab":
             size[0] = self.cfg.language.vocab_size
         if layer is None:
-            return self.read_region(key, [0] * len(size), size)
-        return self.read_region(key, [layer] + [0] * (len(size) - 1), [1] + size[1:])[0]
+            return key, [0] * len(size), size, False
+        return key, [layer] + [0] * (len(size) - 1), [1] + size[1:], True
+
+    def full(self, param: mapping.Param) -> torch.Tensor:
+        key, offsets, sizes, layered = self._region_of(param)
+        region = self.read_region(key, offsets, sizes)
+        return region[0] if layered else region
 
     def close(self) -> None:
         pass
@@ -284,11 +294,24 @@ class DistWriter:
         os.makedirs(self.iter_dir, exist_ok=True)
         return total
 
+    def fetch_order(self, params: Sequence[mapping.Param]) -> List[mapping.Param]:
+        """The order DCP asks for tensors: its file writer sorts items by global tensor size (stable)."""
+        from torch.distributed.checkpoint.planner import WriteItemType
+
+        tensors = [it for it in self._items if it.type != WriteItemType.BYTE_IO]
+        tensors.sort(key=lambda it: it.tensor_data.size.numel() * it.tensor_data.properties.dtype.itemsize,
+                     reverse=True)
+        out = {}
+        for it in tensors:
+            p = self._lookup[(it.index.fqn, tuple(it.index.offset))][0]
+            out.setdefault(p.name, p)
+        return list(out.values())
+
     def write_all(self, params: Sequence[mapping.Param], fetch: Callable[[mapping.Param], torch.Tensor]) -> None:
         from torch.distributed.checkpoint import FileSystemWriter
         from torch.distributed.checkpoint import save as dcp_save
 
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _without_record_crc32():
             # "torch.distributed is ... uninitialized, assuming ... a single process": exactly the intent.
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp_save({}, storage_writer=FileSystemWriter(self.iter_dir, single_file_per_rank=True, thread_count=1),
@@ -316,6 +339,24 @@ class DistWriter:
         torch.save(common, os.path.join(self.iter_dir, COMMON))
         with open(os.path.join(self.iter_dir, "metadata.json"), "w", encoding="utf-8") as f:
             json.dump(METADATA_JSON, f)
+
+
+@contextmanager
+def _without_record_crc32():
+    """DCP stores each chunk as a small torch.save zip inside a .distcp file; only torch.load reads
+    them, and it does not check zip CRCs. Computing them is a full extra pass over every byte
+    (about a fifth of a conversion's CPU time), so it is skipped while the converter writes."""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:  # older torch: CRCs are always computed
+        yield
+        return
+    previous = config.save.compute_crc32
+    config.save.compute_crc32 = False
+    try:
+        yield
+    finally:
+        config.save.compute_crc32 = previous
 
 
 def _planner_class():

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -86,6 +87,7 @@ class HFSource:
         self.path = path
         self.cfg = cfg if cfg is not None else ModelConfig.from_hf_dir(path)
         self._files: Dict[str, SafetensorsFile] = {}
+        self._lock = threading.Lock()
         self._bins = MmapCache()
         self.weight_map = self._weight_map()
         self._meta: Dict[str, Tuple[Tuple[int, ...], torch.dtype]] = {}
@@ -121,9 +123,10 @@ class HFSource:
                                 f"{BIN_INDEX} or pytorch_model.bin")
 
     def _safe(self, file: str) -> SafetensorsFile:
-        if file not in self._files:
-            self._files[file] = SafetensorsFile(os.path.join(self.path, file))
-        return self._files[file]
+        with self._lock:  # the converter reads ahead on a second thread
+            if file not in self._files:
+                self._files[file] = SafetensorsFile(os.path.join(self.path, file))
+            return self._files[file]
 
     def shapes(self) -> Dict[str, Tuple[int, ...]]:
         return {n: s for n, (s, _) in self._meta.items()}
@@ -198,6 +201,10 @@ class HFWriter:
         for name, tensor in mapping.to_hf(self.cfg, param, full).items():
             file = self._file_of[name]
             self._writers[file].write(name, tensor.to(self._writers[file]._spans[name][2]))
+
+    def fetch_order(self, params: Sequence[mapping.Param]) -> List[mapping.Param]:
+        """The order `write_all` asks for tensors."""
+        return list(params)
 
     def write_all(self, params: Sequence[mapping.Param], fetch: Callable[[mapping.Param], torch.Tensor]) -> None:
         for p in params:

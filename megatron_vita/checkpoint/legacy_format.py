@@ -189,6 +189,10 @@ class LegacyWriter:
             dtype = self._slots[fkey][slot][0]
             self._files[fkey].write(slot, mapping.shard(param, full, self.layout.tp, fkey[0], padded).to(dtype))
 
+    def fetch_order(self, params: Sequence[mapping.Param]) -> List[mapping.Param]:
+        """The order `write_all` asks for tensors."""
+        return list(params)
+
     def write_all(self, params: Sequence[mapping.Param], fetch: Callable[[mapping.Param], torch.Tensor]) -> None:
         for p in params:
             self.write(p, fetch(p))
@@ -231,7 +235,12 @@ class LegacySource:
         self.files = ranks
         first = self._cache.get(ranks[(0, 0)])
         self.args = first.get("args")
-        self.cfg = cfg or self._config_from(first)
+        stored = first.get("model_config")
+        self.stored_cfg = ModelConfig.from_dict(stored) if isinstance(stored, dict) else None
+        self.cfg = cfg or self.stored_cfg
+        if self.cfg is None:
+            raise ValueError(f"{ranks[(0, 0)]} carries no model_config (released MindSpeed/TE checkpoints do not): "
+                             "pass --model with a preset, a HF checkpoint directory or a config JSON")
         model_keys = sorted(k for k in first if k == "model" or (k.startswith("model") and k[5:].isdigit()))
         if not model_keys:
             raise ValueError(f"{ranks[(0, 0)]} has no 'model' state dict (keys: {sorted(first)[:8]})")
@@ -260,15 +269,11 @@ class LegacySource:
         self._loc: Dict[str, List[Tuple[str, int, str, str]]] = {}
         for chunk in self.layout.chunks(self.cfg):
             for p, local in chunk_params(self.cfg, chunk):
-                key = mapping.rename(local, self.naming)
+                present = self._names[(0, chunk.pp_rank, chunk.model_key)]
+                names = mapping.reader_names(local, self.naming)
+                key = next((n for n in names if n in present), names[0])
                 self._loc[p.name] = [(ranks[(t, chunk.pp_rank)], chunk.pp_rank, chunk.model_key, key)
                                      for t in range(tp)]
-
-    def _config_from(self, obj) -> ModelConfig:
-        if isinstance(obj.get("model_config"), dict):
-            return ModelConfig.from_dict(obj["model_config"])
-        raise ValueError(f"{self.files[(0, 0)]} carries no model_config (released MindSpeed/TE checkpoints do not): "
-                         "pass --model with a preset, a HF checkpoint directory or a config JSON")
 
     def _divisor(self) -> int:
         return int(getattr(self.args, "make_vocab_size_divisible_by", 1) or 1) if self.args is not None else 1

@@ -323,6 +323,16 @@ def rename(name: str, naming: str) -> str:
     return name
 
 
+# Readers also accept a sibling variant's name for a tensor: a TE-named release may keep
+# MindSpeed's local norm names in part of the model (e.g. the ViT).
+_SIBLINGS = {"mcore": (), "mindspeed": ("te",), "te": ("mindspeed",)}
+
+
+def reader_names(name: str, naming: str) -> Tuple[str, ...]:
+    """Names a reader accepts for `name` in a checkpoint of `naming`, preferred first."""
+    return tuple(dict.fromkeys(rename(name, n) for n in (naming,) + _SIBLINGS[naming]))
+
+
 def detect_naming(names: Sequence[str]) -> str:
     """Which variant a Megatron state dict's keys use (raises when none fits)."""
     params = [n for n in names if not IGNORED.search(n)]

@@ -3,7 +3,8 @@
 Checkpoints are loaded with `weights_only=True`. Megatron's legacy `model_optim_rng.pt` files
 also hold a few harmless non-tensor objects (an `argparse.Namespace` of the training flags,
 enums); only those are allow-listed. A pickle that asks for anything else is refused with an
-error that names the file and the global it wanted.
+error that names the file and the global it wanted. `MmapCache` keeps large checkpoint files
+memory-mapped while a converter reads them, and unmaps them once a byte budget has been read.
 """
 from __future__ import annotations
 

@@ -1,0 +1,194 @@
+"""Failure behaviour: malicious pickles, mismatching checkpoints, overwriting, SIGKILL mid-way."""
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from ckpttest_lib import assert_same_tensors, hf_tensors
+
+from megatron_vita.checkpoint.convert import convert
+from megatron_vita.checkpoint.safe_load import UnsafeCheckpointError
+
+
+def quiet(*_):
+    pass
+
+
+def run(src, dst, frm, to, **kw):
+    return convert(str(src), str(dst), frm, to, progress=False, log=quiet, **kw)
+
+
+class Payload:
+    """Unpickling this runs `touch MARKER`: proof of code execution if the marker appears."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _plant(kind, tmp_path, tiny_hf_dir, marker):
+    """A checkpoint of `kind` with the payload planted where a loader unpickles; returns (src, format, file)."""
+    if kind == "hf-bin":
+        src = tmp_path / "bin"
+        src.mkdir()
+        shutil.copy(os.path.join(tiny_hf_dir, "config.json"), src)
+        torch.save({"model.norm.weight": torch.ones(4), "evil": Payload(marker)}, src / "pytorch_model.bin")
+        return src, "hf", src / "pytorch_model.bin"
+    src = tmp_path / "mg"
+    fmt = "legacy" if kind == "legacy" else "torch_dist"
+    run(tiny_hf_dir, src, "hf", "megatron", megatron_format=fmt)
+    it = src / "iter_0000000"
+    if kind == "legacy":
+        target = it / "mp_rank_00" / "model_optim_rng.pt"
+        obj = torch.load(target, weights_only=False)
+        obj["args"].evil = Payload(marker)
+        torch.save(obj, target)
+    elif kind == "dist-common":
+        target = it / "common.pt"
+        torch.save({**torch.load(target, weights_only=False), "evil": Payload(marker)}, target)
+    else:
+        target = it / ".metadata"
+        with open(target, "wb") as f:
+            pickle.dump(Payload(marker), f)
+    return src, "megatron", target
+
+
+@pytest.mark.parametrize("kind", ["legacy", "dist-common", "dist-metadata", "hf-bin"])
+def test_malicious_pickle_is_refused_and_never_runs(kind, tiny_hf_dir, tmp_path):
+    marker = tmp_path / "payload_ran"
+    src, frm, planted = _plant(kind, tmp_path, tiny_hf_dir, marker)
+    # Positive control: an unrestricted unpickler does run the payload.
+    with open(planted, "rb") as f:
+        torch.load(f, weights_only=False) if kind != "dist-metadata" else pickle.load(f)
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(UnsafeCheckpointError, match="refusing to load"):
+        run(src, tmp_path / "out", frm, "megatron" if frm == "hf" else "hf")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def _hf_variant(tiny_hf_dir, tmp_path, edit):
+    """A single-file copy of the tiny HF checkpoint with `edit(tensors)` applied."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "edited"
+    out.mkdir()
+    shutil.copy(os.path.join(tiny_hf_dir, "config.json"), out)
+    tensors = hf_tensors(tiny_hf_dir)
+    edit(tensors)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
+     "missing key 'model.layers.1.mlp.up_proj.weight' (the model config expects shape [128, 64])"),
+    (lambda t: t.update({"model.layers.1.mlp.extra.weight": torch.zeros(3, 5)}),
+     "unexpected key 'model.layers.1.mlp.extra.weight' (shape [3, 5])"),
+    (lambda t: t.update({"model.layers.2.self_attn.k_proj.weight": torch.zeros(16, 64)}),
+     "shape mismatch for 'model.layers.2.self_attn.k_proj.weight': the checkpoint has [16, 64], "
+     "the model config expects [32, 64]"),
+], ids=["missing", "unexpected", "shape"])
+def test_hf_key_and_shape_errors_name_key_and_shapes(edit, message, tiny_hf_dir, tmp_path):
+    src = _hf_variant(tiny_hf_dir, tmp_path, edit)
+    with pytest.raises(ValueError) as e:
+        run(src, tmp_path / "out", "hf", "megatron")
+    assert message in str(e.value) and str(src) in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_megatron_key_shape_and_config_errors(tiny_hf_dir, wide_hf_dir, tmp_path):
+    run(tiny_hf_dir, tmp_path / "mg", "hf", "megatron", megatron_format="legacy", names="mindspeed", tp=2)
+    # The checkpoint carries its config; a different --model is a config mismatch naming the fields.
+    with pytest.raises(ValueError, match=r"config mismatch[\s\S]*hidden_size: checkpoint 64 vs --model 128"):
+        run(tmp_path / "mg", tmp_path / "out", "megatron", "hf", model=wide_hf_dir)
+    it = tmp_path / "mg" / "iter_0000000"
+    for rank in ("mp_rank_00", "mp_rank_01"):
+        obj = torch.load(it / rank / "model_optim_rng.pt", weights_only=False)
+        del obj["model_config"]  # like released weights: the config must come from --model
+        if rank == "mp_rank_01":
+            obj["model"].pop("decoder.layers.1.mlp.linear_fc2.weight")
+            obj["model"]["decoder.layers.0.extra.weight"] = torch.zeros(2, 2)
+        torch.save(obj, it / rank / "model_optim_rng.pt")
+    file = it / "mp_rank_01" / "model_optim_rng.pt"
+    with pytest.raises(ValueError) as e:
+        run(tmp_path / "mg", tmp_path / "out", "megatron", "hf", model=wide_hf_dir)
+    # Against a wider config every tensor mismatches: key, file and both shapes are named.
+    assert (f"shape mismatch for 'embedding.word_embeddings.weight' in {it / 'mp_rank_00' / 'model_optim_rng.pt'} "
+            "[model]: the checkpoint has [256, 64], the model config expects [256, 128]") in str(e.value)
+    with pytest.raises(ValueError) as e:
+        run(tmp_path / "mg", tmp_path / "out", "megatron", "hf", model=tiny_hf_dir)
+    text = str(e.value)
+    assert f"missing key 'decoder.layers.1.mlp.linear_fc2.weight' in {file} [model] (expected shape [64, 64])" in text
+    assert f"unexpected key 'decoder.layers.0.extra.weight' (shape [2, 2]) in {file} [model]" in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_needs_force(tiny_hf_dir, tiny_tensors, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = subprocess.run([sys.executable, "-m", "megatron_vita", "convert", "--from", "hf", "--to", "megatron",
+                           "--input", tiny_hf_dir, "--output", str(out), "--no-progress"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "MEGATRON_VITA_BACKEND": "cpu"})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"--output {out} exists; pass --force to replace it" in proc.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    run(tiny_hf_dir, out, "hf", "megatron", megatron_format="legacy", force=True)
+    assert sorted(os.listdir(out)) == ["iter_0000000", "latest_checkpointed_iteration.txt"]
+    with pytest.raises(ValueError, match="overlaps --input"):
+        run(out, out / "inside", "megatron", "hf")
+    run(out, tmp_path / "hf", "megatron", "hf")
+    assert_same_tensors(tiny_tensors, hf_tensors(tmp_path / "hf"))
+
+
+KILLER = """
+import os, signal, sys
+from megatron_vita.checkpoint.convert import convert
+count = 0
+def on_tensor(name, nbytes):
+    global count
+    count += 1
+    if count == int(sys.argv[5]):
+        os.kill(os.getpid(), signal.SIGKILL)
+convert(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], tp=2, megatron_format=sys.argv[6], progress=False,
+        on_tensor=on_tensor)
+"""
+
+
+@pytest.mark.parametrize("target", ["legacy", "torch_dist", "hf"])
+def test_sigkill_mid_conversion_leaves_nothing_valid_and_rerun_succeeds(target, tiny_hf_dir, tiny_tensors, tmp_path):
+    if target == "hf":
+        src, frm, to = tmp_path / "mg", "megatron", "hf"
+        run(tiny_hf_dir, src, "hf", "megatron", megatron_format="legacy", tp=2)
+    else:
+        src, frm, to = tiny_hf_dir, "hf", "megatron"
+    dst = tmp_path / "out" / "ckpt"
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(src), str(dst), frm, to, "30",
+                           "legacy" if target == "hf" else target], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    # Killed after 30 of 67 tensors: the destination does not exist; only a hidden partial directory
+    # is left, with no tracker / index, and readers refuse it.
+    assert not dst.exists()
+    left = os.listdir(tmp_path / "out")
+    assert len(left) == 1 and left[0].startswith(".ckpt.partial-"), left
+    partial = tmp_path / "out" / left[0]
+    files = [f for _, _, fs in os.walk(partial) for f in fs]
+    assert files and "latest_checkpointed_iteration.txt" not in files and "model.safetensors.index.json" not in files
+    with pytest.raises((FileNotFoundError, ValueError)):
+        run(partial, tmp_path / "x", "megatron" if to == "megatron" else "hf", "hf")
+    # The rerun succeeds and clears the dead run's partial directory.
+    run(src, dst, frm, to, tp=2, megatron_format="legacy" if target == "hf" else target)
+    assert os.listdir(tmp_path / "out") == ["ckpt"]
+    back = dst if to == "hf" else tmp_path / "back"
+    if to == "megatron":
+        run(dst, back, "megatron", "hf")
+    assert_same_tensors(tiny_tensors, hf_tensors(back))
+    assert json.load(open(back / "model.safetensors.index.json"))["weight_map"]
