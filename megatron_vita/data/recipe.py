@@ -213,7 +213,8 @@ def parse_recipe(doc: Any, path: str = "<recipe>") -> Recipe:
         for req in ("group", "path"):
             c.check(req in vals, line, f"datasets[{i}].{req}", "required key is missing")
         datasets.append(DatasetEntry(**vals, line=line))
-    recipe = Recipe(**top, datasets=datasets, training=dict(training), path=path, **subs)
+    # Kept as parsed: its per-key line numbers let the training stack name the offending line.
+    recipe = Recipe(**top, datasets=datasets, training=training, path=path, **subs)
     _validate_values(recipe, doc, c)
     return recipe
 

@@ -57,6 +57,12 @@ def build_model_chunks(
     """
     options = options or BuildOptions()
     par.validate(model_config)
+    if par.cp > 1 and language_layer_spec is None:
+        # megatron-core's own CP attention needs TransformerEngine; ours (ring / Ulysses core
+        # attention in the spec, per-rank batch split, image routing) is not in this release.
+        raise NotImplementedError(
+            f"--context-parallel-size {par.cp}: context parallelism is not implemented yet "
+            "(stages 3-4 of the released recipe use CP 2 / 8); run with --context-parallel-size 1")
     config = language_transformer_config(
         model_config.language, par, params_dtype=options.params_dtype,
         recompute_granularity=options.recompute_granularity, recompute_method=options.recompute_method,
