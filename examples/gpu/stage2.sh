@@ -3,10 +3,7 @@
 # Layout and hyper-parameters come from data_recipes/stage2.yaml (training: section); flags added
 # here or in EXTRA_ARGS override them. See examples/common.sh for the required variables.
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
-export NCCL_IB_DISABLE=${NCCL_IB_DISABLE:-0}
-export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-eth0}
-export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-eth0}
-BACKEND=cuda
-NPROC=${NPROC_PER_NODE:-8}
-# shellcheck disable=SC2046
-launch 2 "$NPROC" --backend "$BACKEND" $(previous_stage_flags 2) ${EXTRA_ARGS:-}
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+INIT_FLAGS=$(previous_stage_flags 2)  # an assignment, so a missing HF_INIT stops the script
+# shellcheck disable=SC2086
+launch 2 "$NPROC" --backend "$BACKEND" $INIT_FLAGS ${EXTRA_ARGS:-}

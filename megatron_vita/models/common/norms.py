@@ -44,9 +44,3 @@ class LayerNorm(torch.nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-
-
-def build_norm(config: TransformerConfig, hidden_size: int, eps: float):
-    """The norm leaf named by `config.normalization`."""
-    cls = RMSNorm if config.normalization == "RMSNorm" else LayerNorm
-    return cls(config, hidden_size, eps)

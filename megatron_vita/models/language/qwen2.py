@@ -17,22 +17,18 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_vita.config.model import LanguageConfig
 from megatron_vita.config.parallel import ParallelConfig
 from megatron_vita.models import heads
 from megatron_vita.models.common.attention import CoreAttention
 from megatron_vita.models.common.norms import RMSNorm
+from megatron_vita.models.common.specs import pre_norm_layer_spec
 
 
 def language_transformer_config(
@@ -92,29 +88,8 @@ def language_transformer_config(
 
 
 def qwen2_layer_spec(core_attention=CoreAttention, norm=RMSNorm) -> ModuleSpec:
-    """One Qwen2 decoder layer. Leaves (core_attention, norm) are what backends and CP swap."""
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=norm,
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.causal},
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
-                    core_attention=core_attention,
-                    linear_proj=RowParallelLinear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
-                ),
-            ),
-            self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=norm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                                linear_fc2=RowParallelLinear)),
-            mlp_bda=get_bias_dropout_add,
-        ),
-    )
+    """One Qwen2 decoder layer: causal attention, RMSNorm."""
+    return pre_norm_layer_spec(TransformerLayer, AttnMaskType.causal, core_attention, norm)
 
 
 def qwen2_block_spec(config: TransformerConfig, layer_spec: Optional[ModuleSpec] = None,

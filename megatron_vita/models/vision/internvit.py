@@ -13,12 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
@@ -28,6 +23,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron_vita.config.model import VisionConfig
 from megatron_vita.models.common.attention import CoreAttention
 from megatron_vita.models.common.norms import LayerNorm
+from megatron_vita.models.common.specs import pre_norm_layer_spec
 
 
 def _layer_scaled_bda(layer: torch.nn.Module, scale_name: str):
@@ -66,29 +62,8 @@ class InternViTLayer(TransformerLayer):
 
 
 def vit_layer_spec(core_attention=CoreAttention, norm=LayerNorm) -> ModuleSpec:
-    """InternViT layer. Leaves (core_attention, norm) are what backends and CP swap."""
-    return ModuleSpec(
-        module=InternViTLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=norm,
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.no_mask},
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
-                    core_attention=core_attention,
-                    linear_proj=RowParallelLinear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
-                ),
-            ),
-            self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=norm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                                linear_fc2=RowParallelLinear)),
-            mlp_bda=get_bias_dropout_add,
-        ),
-    )
+    """InternViT layer: bidirectional attention, LayerNorm, layer scale."""
+    return pre_norm_layer_spec(InternViTLayer, AttnMaskType.no_mask, core_attention, norm)
 
 
 def vision_transformer_config(vision: VisionConfig, language_tc: TransformerConfig) -> TransformerConfig:
