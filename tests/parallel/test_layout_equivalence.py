@@ -20,7 +20,8 @@ def _run_layouts(rank, world, hf_dir, layouts):
     from megatron_vita.config import ModelConfig, ParallelConfig
     from megatron_vita.models.long_vita.builder import build_model_chunks
     from megatron_vita.parallel.state import parallel_layout
-    from megatron_vita.training.engine import OptimConfig, build_optimizer, train_step, wrap_ddp
+    from megatron_vita.training.engine import train_step, wrap_ddp
+    from megatron_vita.training.optimizer import OptimConfig, build_optimizer
 
     cfg = ModelConfig.from_hf_dir(hf_dir)
     batch = multimodal_batch(cfg, seq_len=32)
