@@ -187,7 +187,8 @@ def convert(src: str, dst: str, src_format: str = "hf", dst_format: str = "megat
     `megatron_format` (torch_dist | legacy) and `names` (mcore | mindspeed | te; torch_dist
     accepts all three, training loads mcore). `dtype` (bf16 | fp16 | fp32) casts, default: the
     source's. HF targets copy tokenizer/processor files from `tokenizer` (default: the HF source
-    or the --model directory). `on_tensor(name, bytes)` is called after each tensor is written.
+    or the --model directory). `on_tensor(name, bytes)` is called as each tensor is handed to the
+    target (progress reporting; tests use it to kill a conversion mid-way).
     Returns a summary dict (tensors, bytes, seconds, verify result if asked).
     """
     import time

@@ -152,7 +152,19 @@ class HFSource:
         return t
 
     def full(self, param: mapping.Param) -> torch.Tensor:
-        return mapping.to_mcore(self.cfg, param, [self.read(h) for h in param.hf_names])
+        segments = mapping.row_segments(self.cfg, param)
+        files = {self.weight_map.get(h, "") for h in param.hf_names}
+        if segments is None or not all(f.endswith(".safetensors") for f in files):
+            return mapping.to_mcore(self.cfg, param, [self.read(h) for h in param.hf_names])
+        # Read each run of rows straight into its place in the full tensor.
+        first = self._meta[param.hf_names[0]]
+        runs = [(h, start, self._meta[h][0][0] if n < 0 else n) for h, start, n in segments]
+        out = torch.empty((sum(n for _, _, n in runs), *first[0][1:]), dtype=first[1])
+        row = 0
+        for h, start, n in runs:
+            self._safe(self.weight_map[h]).read_into(h, out[row:row + n], (start, start + n))
+            row += n
+        return out
 
     def close(self) -> None:
         for f in self._files.values():
@@ -169,6 +181,8 @@ class HFWriter:
         self.out_dir, self.cfg, self.max_shard_size, self.aux_dir = out_dir, cfg, max_shard_size, aux_dir
         self._writers: Dict[str, SafetensorsWriter] = {}
         self._file_of: Dict[str, str] = {}
+        self._dtype_of: Dict[str, torch.dtype] = {}
+        self._rows_of: Dict[str, int] = {}
         self.dtype: Optional[torch.dtype] = None
 
     def plan(self, params: Sequence[mapping.Param], full_shapes: Dict[str, torch.Size],
@@ -186,6 +200,8 @@ class HFWriter:
                     shards.append([])
                     size = 0
                 shards[-1].append((h, dtype, tuple(hf_shapes[h])))
+                self._dtype_of[h] = dtype
+                self._rows_of[h] = hf_shapes[h][0] if len(hf_shapes[h]) else 1
                 size += nbytes
                 total += nbytes
         n = len(shards)
@@ -198,9 +214,22 @@ class HFWriter:
         return total
 
     def write(self, param: mapping.Param, full: torch.Tensor) -> None:
-        for name, tensor in mapping.to_hf(self.cfg, param, full).items():
-            file = self._file_of[name]
-            self._writers[file].write(name, tensor.to(self._writers[file]._spans[name][2]))
+        segments = mapping.row_segments(self.cfg, param)
+        if segments is None:
+            for name, tensor in mapping.to_hf(self.cfg, param, full).items():
+                self._writer(name).write(name, tensor.to(self._dtype_of[name]))
+            return
+        # Each run of rows goes straight to its place in its HF tensor (no HF-shaped copies).
+        row = 0
+        for name, start, n in segments:
+            n = self._rows_of[name] if n < 0 else n
+            self._writer(name).write(name, full[row:row + n].to(self._dtype_of[name]), row_offset=start)
+            row += n
+        if row != full.shape[0]:
+            raise ValueError(f"{param.name}: {full.shape[0]} rows, the HF tensors hold {row}")
+
+    def _writer(self, name: str) -> SafetensorsWriter:
+        return self._writers[self._file_of[name]]
 
     def fetch_order(self, params: Sequence[mapping.Param]) -> List[mapping.Param]:
         """The order `write_all` asks for tensors."""

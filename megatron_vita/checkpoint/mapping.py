@@ -208,6 +208,29 @@ def to_hf(cfg: ModelConfig, param: Param, full: torch.Tensor) -> Dict[str, torch
     raise ValueError(f"unknown transform {t!r}")
 
 
+def row_segments(cfg: ModelConfig, param: Param) -> Optional[List[Tuple[str, int, int]]]:
+    """The full megatron tensor's rows as (HF name, first HF row, row count) runs, in order.
+
+    Every transform except `pos` only rearranges whole rows, so a converter can read or write
+    each run straight from or to its place (no intermediate HF-shaped tensors, no concatenation).
+    None for `pos`.
+    """
+    t, names = param.rule.transform, param.hf_names
+    if t == "identity":
+        return [(names[0], 0, -1)]
+    if t == "glu":
+        return [(names[0], 0, -1), (names[1], 0, -1)]
+    if t in ("qkv", "vit_qkv"):
+        heads, groups, d = _heads(cfg, param.rule)
+        per = heads // groups * d
+        if t == "qkv":
+            q, k, v = names
+            return [seg for g in range(groups) for seg in ((q, g * per, per), (k, g * d, d), (v, g * d, d))]
+        return [seg for g in range(groups)
+                for seg in ((names[0], g * per, per), (names[0], heads * d + g * d, d), (names[0], 2 * heads * d + g * d, d))]
+    return None
+
+
 # ---- tensor-parallel sharding of full megatron tensors -----------------------------------------
 
 def pad_vocab(full: torch.Tensor, padded_rows: int) -> torch.Tensor:

@@ -111,18 +111,27 @@ class SafetensorsFile:
     def read(self, name: str, rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """The tensor `name`, or rows [start, stop) of its first dimension."""
         e = self.entries[name]
-        shape, begin = list(e.shape), e.begin
+        shape = list(e.shape)
+        if rows is not None and shape:
+            shape[0] = rows[1] - rows[0]
+        out = torch.empty(shape, dtype=e.dtype)
+        self.read_into(name, out, rows)
+        return out
+
+    def read_into(self, name: str, out: torch.Tensor, rows: Optional[Tuple[int, int]] = None) -> None:
+        """Fill the contiguous tensor `out` with `name` (or its rows [start, stop))."""
+        e = self.entries[name]
+        begin, shape = e.begin, list(e.shape)
         if rows is not None:
             start, stop = rows
             if not shape or not 0 <= start <= stop <= shape[0]:
                 raise ValueError(f"{self.path}: rows {rows} out of range for '{name}' of shape {list(e.shape)}")
-            row_bytes = _numel(shape[1:]) * _itemsize(e.dtype)
-            begin += start * row_bytes
+            begin += start * _numel(shape[1:]) * _itemsize(e.dtype)
             shape[0] = stop - start
-        out = torch.empty(shape, dtype=e.dtype)
+        if out.dtype != e.dtype or list(out.shape) != shape or not out.is_contiguous():
+            raise ValueError(f"{self.path}: cannot read '{name}' {shape} {e.dtype} into {list(out.shape)} {out.dtype}")
         if out.numel():
             _read_into(self._file(), out, begin, self.path)
-        return out
 
     def close(self) -> None:
         if self._fd is not None:
@@ -154,7 +163,8 @@ class SafetensorsWriter:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.pwrite(self._fd, struct.pack("<Q", len(raw)) + raw, 0)
         os.ftruncate(self._fd, self._base + offset)
-        self._pending = set(self._spans)
+        # rows still to come per tensor (a tensor may arrive in runs of rows)
+        self._pending = {name: (shape[0] if shape else 1) for name, (_, _, _, shape) in self._spans.items()}
         self.nbytes = self._base + offset
 
     def names(self) -> List[str]:
@@ -175,8 +185,7 @@ class SafetensorsWriter:
         done = 0
         while done < len(data):
             done += os.pwrite(self._fd, data[done:], at + done)
-        if row_offset + (tensor.shape[0] if tensor.dim() else 1) >= (shape[0] if shape else 1):
-            self._pending.discard(name)
+        self._pending[name] -= tensor.shape[0] if tensor.dim() else 1
 
     def close(self) -> None:
         if self._fd is None:
@@ -184,5 +193,6 @@ class SafetensorsWriter:
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None
-        if self._pending:
-            raise RuntimeError(f"{self.path}: tensors never written: {sorted(self._pending)[:5]}")
+        missing = sorted(n for n, rows in self._pending.items() if rows)
+        if missing:
+            raise RuntimeError(f"{self.path}: tensors never (fully) written: {missing[:5]}")
