@@ -388,27 +388,3 @@ def _planner_class():
             return self.writer.piece(write_item, self.fetch, self.cache)
 
     return LazyPlanner
-
-
-def patch_megatron_dcp_writer() -> None:
-    """megatron-core 0.12.1's async writer calls torch's `_write_item` without the
-    `serialization_format` argument torch >= 2.7 requires, so every `dist_checkpointing.save`
-    fails with "missing 1 required positional argument". Pass the default torch.save format."""
-    import inspect
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
-
-    if getattr(fa._write_item, "_megatron_vita_fixed", False):
-        return
-    original = fa._write_item
-    if "serialization_format" not in inspect.signature(original).parameters:
-        return
-    from torch.distributed.checkpoint.filesystem import SerializationFormat
-
-    def _write_item(*args, **kwargs):
-        if len(args) < 6 and "serialization_format" not in kwargs:
-            kwargs["serialization_format"] = SerializationFormat.TORCH_SAVE
-        return original(*args, **kwargs)
-
-    _write_item._megatron_vita_fixed = True
-    fa._write_item = _write_item

@@ -94,18 +94,21 @@ class StreamingTorchFile:
             self._zip.write_record(name, value, len(value))
         self._pending = set(slots)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, scratch: Optional["Scratch"] = None) -> None:
+        """Write one tensor's record. A view (a TP piece) is staged in `scratch`: the zip writer
+        takes a storage from its start, and a reused buffer avoids a fresh allocation per piece."""
         dtype, shape = self._slots[name]
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise ValueError(f"{self.path}: '{name}' planned as {dtype} {list(shape)}, got {tensor.dtype} "
                              f"{list(tensor.shape)}")
         if name not in self._pending:
             raise ValueError(f"{self.path}: '{name}' written twice")
-        t = tensor.contiguous()
-        nbytes = t.numel() * t.element_size()
-        if t.storage_offset() or t.untyped_storage().nbytes() != nbytes:
-            t = t.clone()  # the writer takes a whole storage: give this tensor one of its own
-        self._zip.write_record(f"data/{self._keys[name]}", t.untyped_storage(), nbytes)
+        nbytes = tensor.numel() * tensor.element_size()
+        if tensor.is_contiguous() and not tensor.storage_offset() and tensor.untyped_storage().nbytes() == nbytes:
+            storage = tensor.untyped_storage()
+        else:
+            storage = (scratch or Scratch()).stage(tensor)
+        self._zip.write_record(f"data/{self._keys[name]}", storage, nbytes)
         self._pending.discard(name)
 
     def close(self) -> None:
@@ -113,6 +116,21 @@ class StreamingTorchFile:
             raise RuntimeError(f"{self.path}: tensors never written: {sorted(self._pending)[:5]}")
         self._zip.write_end_of_file()
         del self._zip
+
+
+class Scratch:
+    """One reusable byte buffer for staging tensors before they are written."""
+
+    def __init__(self):
+        self._buf = torch.empty(0, dtype=torch.uint8)
+
+    def stage(self, tensor: torch.Tensor):
+        """Copy `tensor` to the start of the buffer (grown as needed); returns the buffer's storage."""
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._buf.numel() < nbytes:
+            self._buf = torch.empty(nbytes, dtype=torch.uint8)
+        self._buf[:nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+        return self._buf.untyped_storage()
 
 
 class TensorSlot:
@@ -143,6 +161,7 @@ class LegacyWriter:
         self._models: Dict[Tuple[int, int], Dict[str, collections.OrderedDict]] = {}
         self._targets: Dict[str, List[Tuple[Tuple[int, int], str]]] = {}  # param -> [(file, slot)] by TP rank
         self._dummies: List[Tuple[Tuple[int, int], str]] = []
+        self._scratch = Scratch()
 
     def plan(self, params: Sequence[mapping.Param], full_shapes: Dict[str, torch.Size],
              dtype_for: Callable[[mapping.Param], torch.dtype]) -> int:
@@ -187,7 +206,8 @@ class LegacyWriter:
         padded = self.layout.padded_vocab(self.cfg)
         for fkey, slot in self._targets[param.name]:
             dtype = self._slots[fkey][slot][0]
-            self._files[fkey].write(slot, mapping.shard(param, full, self.layout.tp, fkey[0], padded).to(dtype))
+            piece = mapping.shard(param, full, self.layout.tp, fkey[0], padded).to(dtype)
+            self._files[fkey].write(slot, piece, self._scratch)
 
     def fetch_order(self, params: Sequence[mapping.Param]) -> List[mapping.Param]:
         """The order `write_all` asks for tensors."""
@@ -213,7 +233,7 @@ class LegacySource:
     kind = "megatron"
     format = "legacy"
 
-    def __init__(self, path: str, cfg: Optional[ModelConfig] = None, budget_bytes: int = 1 << 30):
+    def __init__(self, path: str, cfg: Optional[ModelConfig] = None, budget_bytes: int = 256 << 20):
         self.iter_dir, self.iteration = resolve_iteration_dir(path)
         self.path = path
         self._cache = MmapCache(budget_bytes)
@@ -317,15 +337,27 @@ class LegacySource:
         return self._names[(0, pp, mk)][key][1]
 
     def full(self, param: mapping.Param) -> torch.Tensor:
+        """The full tensor, assembled piece by piece: each piece is copied out of its mapped file,
+        then counted against the mapping budget, so mapped pages never add up to a whole tensor."""
         locs = self._loc[param.name]
         if param.rule.shard == "replicated":
             locs = locs[:1]
-        pieces = [self._cache.get(file)[mk][key] for file, _, mk, key in locs]
-        full = mapping.unshard(param, pieces, self.cfg.language.vocab_size)
-        if any(full.untyped_storage().data_ptr() == p.untyped_storage().data_ptr() for p in pieces):
-            full = full.clone()  # never keep a view into a mapped file
-        del pieces
-        self._cache.touched(full.numel() * full.element_size())
+        first = self._cache.get(locs[0][0])[locs[0][2]][locs[0][3]]
+        shape = list(first.shape)
+        if param.rule.shard in ("column", "glu"):
+            shape[0] *= len(locs)
+        elif param.rule.shard == "row":
+            shape[1] *= len(locs)
+        elif param.rule.shard == "vocab":
+            shape[0] = self.cfg.language.vocab_size
+        full = torch.empty(shape, dtype=first.dtype)
+        del first
+        for rank, (file, _, mk, key) in enumerate(locs):
+            piece = self._cache.get(file)[mk][key]
+            mapping.place(param, full, piece, len(locs), rank)
+            nbytes = piece.numel() * piece.element_size()
+            del piece
+            self._cache.touched(nbytes)
         return full
 
     def close(self) -> None:

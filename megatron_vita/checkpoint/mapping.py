@@ -15,7 +15,9 @@ the transform between them and how the megatron tensor splits over tensor-parall
              replicated
 
 Everything works tensor by tensor, so converters can stream: `verify`, `convert`, training's
-HF initialisation and HF export all go through these functions.
+HF initialisation and HF export all go through these functions. `row_segments` describes a
+full megatron tensor as runs of HF rows (readers and writers place rows without copies);
+`place` puts one TP piece into a full tensor (readers assemble piece by piece).
 
 Megatron checkpoints in the wild name the same tensors differently. `NAMINGS` declares each
 variant as ordered regex renames of this project's names (values and sharding are identical):
@@ -278,6 +280,30 @@ def unshard(param: Param, pieces: Sequence[torch.Tensor], vocab_size: Optional[i
         halves = [p.chunk(2, dim=0) for p in pieces]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
     raise ValueError(f"unknown shard kind {kind!r}")
+
+
+def place(param: Param, full: torch.Tensor, piece: torch.Tensor, tp: int, rank: int) -> None:
+    """Copy TP rank `rank`'s piece into the full tensor (padded vocabulary rows dropped).
+
+    The piece-at-a-time form of `unshard`: a reader can release each piece's source before
+    reading the next.
+    """
+    kind = param.rule.shard
+    if kind == "replicated" or (tp == 1 and kind != "vocab"):
+        full.copy_(piece)
+    elif kind in ("column", "vocab"):
+        start = rank * piece.shape[0]
+        rows = max(0, min(piece.shape[0], full.shape[0] - start))
+        full[start:start + rows].copy_(piece[:rows])
+    elif kind == "row":
+        step = piece.shape[1]
+        full[:, rank * step:(rank + 1) * step].copy_(piece)
+    elif kind == "glu":
+        half, step = full.shape[0] // 2, piece.shape[0] // 2
+        full[rank * step:(rank + 1) * step].copy_(piece[:step])
+        full[half + rank * step:half + (rank + 1) * step].copy_(piece[step:])
+    else:
+        raise ValueError(f"unknown shard kind {kind!r}")
 
 
 # ---- local (per pipeline chunk) <-> global names ------------------------------------------------

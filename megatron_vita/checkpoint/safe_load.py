@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import collections
 import pickle
+import threading
 from typing import Any
 
 import torch
@@ -59,8 +60,13 @@ class MmapCache:
         self.budget = budget_bytes
         self._open: dict = {}
         self._touched = 0
+        self._lock = threading.Lock()  # a converter reads on two threads
 
     def get(self, path: str) -> Any:
+        with self._lock:
+            return self._get(path)
+
+    def _get(self, path: str) -> Any:
         if path not in self._open:
             try:
                 self._open[path] = safe_torch_load(path, mmap=True)

@@ -3,8 +3,9 @@
 Both directions of the layout contract in dist_format's docstring:
 - a checkpoint the converter wrote (TP1, one process) loads with `dist_checkpointing.load` into
   live chunks at TP2 x PP2 x VPP2 and gives exactly the weights HF loading gives;
-- a checkpoint megatron saved from live TP2 x PP2 x VPP2 chunks (`dist_checkpointing.save`, model
-  under "model0"/"model1", common state with model_config and args) converts to HF bit-exactly.
+- a checkpoint megatron saved from live TP2 x PP2 x VPP2 chunks (`dist_checkpointing.save` through
+  training's in-process writer, model under "model0"/"model1", common state with model_config
+  and args) converts to HF bit-exactly.
 """
 import argparse
 import os
@@ -19,16 +20,13 @@ LAYOUT = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, virt
 
 
 def _rank(rank, world, hf_dir, converted, save_root):
-    from megatron.core import dist_checkpointing
-
-    from megatron_vita.checkpoint.dist_format import patch_megatron_dcp_writer
+    from megatron_vita.checkpoint.dist_writer import save_in_process
     from megatron_vita.checkpoint.hf_io import HFCheckpoint
     from megatron_vita.checkpoint.model_io import chunk_parameters, load_checkpoint_weights, load_hf_weights
     from megatron_vita.config import ModelConfig, ParallelConfig
     from megatron_vita.models.long_vita.builder import build_model_chunks
     from megatron_vita.parallel.state import parallel_layout, virtual_pipeline_rank
 
-    patch_megatron_dcp_writer()
     cfg = ModelConfig.from_hf_dir(hf_dir)
     par = ParallelConfig(**LAYOUT)
     with parallel_layout(par):
@@ -50,7 +48,7 @@ def _rank(rank, world, hf_dir, converted, save_root):
         if rank == 0:
             os.makedirs(it_dir)
         torch.distributed.barrier()
-        dist_checkpointing.save(state, it_dir)
+        save_in_process(state, it_dir)
         torch.distributed.barrier()
         if rank == 0:
             with open(os.path.join(save_root, "latest_checkpointed_iteration.txt"), "w") as f:
