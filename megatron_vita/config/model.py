@@ -322,9 +322,9 @@ def _tiny() -> ModelConfig:
     return ModelConfig(
         vision=VisionConfig(hidden_size=64, num_layers=2, num_attention_heads=4, ffn_hidden_size=128,
                             image_size=56, patch_size=14),
-        projector=ProjectorConfig(ffn_hidden_size=64),
-        language=LanguageConfig(vocab_size=vocab, hidden_size=64, num_layers=4, num_attention_heads=4,
-                                num_query_groups=2, ffn_hidden_size=128, max_position_embeddings=4096),
+        projector=ProjectorConfig(ffn_hidden_size=128),
+        language=LanguageConfig(vocab_size=vocab, hidden_size=128, num_layers=4, num_attention_heads=4,
+                                num_query_groups=2, ffn_hidden_size=256, max_position_embeddings=4096),
         tokens=TokenIds.at_end_of_vocab(vocab),
         name="tiny",
     )

@@ -70,7 +70,9 @@ def _draw(arr: np.ndarray, shape: str, colour: str, cx: float, cy: float, r: flo
 
 def _still(rng) -> Tuple[Image.Image, str, str]:
     shape, colour = SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))]
-    r = rng.uniform(11, 18)
+    # Large shapes: a 2-layer ViT and a 4-layer LLM trained from scratch for a few minutes must
+    # see them; at 11-18 px the demo learned colour but not shape or motion in that budget.
+    r = rng.uniform(16, 22)
     cx, cy = rng.uniform(r + 2, SIZE - r - 2, size=2)
     return _draw(_canvas(rng), shape, colour, cx, cy, r, rng), shape, colour
 
@@ -78,7 +80,7 @@ def _still(rng) -> Tuple[Image.Image, str, str]:
 def _motion_frames(rng, n: int) -> Tuple[List[np.ndarray], str]:
     direction = DIRECTIONS[rng.integers(len(DIRECTIONS))]
     shape, colour = SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))]
-    r = rng.uniform(7, 10)
+    r = rng.uniform(10, 13)  # moving shapes: large enough to move between feature tokens
     lo, hi = r + 2, SIZE - r - 2
     across = rng.uniform(lo, hi)
     path = np.linspace(lo, hi, n) if direction in ("right", "down") else np.linspace(hi, lo, n)

@@ -50,7 +50,9 @@ def test_create_tiny_layout(tiny_dir, tiny_model):
     sd = tiny_model.state_dict()
     assert sd["model.vision_model.encoder.layers.1.attn.qkv.weight"].shape == (192, 64)
     assert sd["model.vision_model.embeddings.position_embedding"].shape == (1, 17, 64)
-    assert sd["model.vision_projection.mlp.0.weight"].shape == (64, 256)
+    # tiny preset: ViT width 64 -> pixel shuffle 4 x 64 = 256 -> projector width 128 -> LLM width 128
+    assert sd["model.vision_projection.mlp.0.weight"].shape == (128, 256)
+    assert sd["model.vision_projection.mlp.2.weight"].shape == (128, 128)
     # Non-degenerate: layer scales and norms are not constants, biases are not zero.
     for key in ("model.vision_model.encoder.layers.0.ls1", "model.vision_model.encoder.layers.1.norm2.weight",
                 "model.norm.weight", "model.vision_projection.pre_proj_layernorm.weight"):
