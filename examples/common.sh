@@ -31,8 +31,10 @@ previous_stage_flags() {  # previous_stage_flags STAGE
   local stage=$1 save="$OUTPUT_DIR/stage$1"
   if [ "${RESUME:-0}" = 1 ] && [ -f "$save/latest_checkpointed_iteration.txt" ]; then
     echo "--load $save"
+  elif [ "$stage" = 1 ] && [ -n "${LLM_INIT:-}" ] && [ -n "${VIT_INIT:-}" ]; then
+    echo "--init-llm $LLM_INIT --init-vit $VIT_INIT"   # Qwen2.5-14B-Instruct + InternViT-300M-448px
   elif [ "$stage" = 1 ]; then
-    : "${HF_INIT:?stage 1 starts from an HF Long-VITA checkpoint (Qwen2.5 + InternViT merged): set HF_INIT}"
+    : "${HF_INIT:?stage 1 starts from LLM_INIT + VIT_INIT (Qwen2.5 and InternViT HF dirs) or an HF Long-VITA checkpoint HF_INIT}"
     echo "--init-hf $HF_INIT"
   else
     echo "--load $OUTPUT_DIR/stage$((stage - 1)) --finetune"

@@ -23,9 +23,9 @@ class HFCheckpoint:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"HF checkpoint directory {path} does not exist")
         self.path = path
-        self.weight_map = self._weight_map()
         self._safe_handles: Dict[str, object] = {}
         self._bin_cache: Dict[str, Dict[str, torch.Tensor]] = {}
+        self.weight_map = self._weight_map()
 
     def _weight_map(self) -> Dict[str, str]:
         for index in (SAFE_INDEX, BIN_INDEX):

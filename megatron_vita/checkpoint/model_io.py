@@ -39,8 +39,12 @@ def chunk_parameters(chunk: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def load_hf_weights(chunks: Sequence[torch.nn.Module], source: TensorSource, model_config: ModelConfig,
-                    par: ParallelConfig) -> List[str]:
-    """Copy HF-named tensors into this rank's chunks; returns the HF names that were read."""
+                    par: ParallelConfig, missing_ok: Sequence[str] = ()) -> List[str]:
+    """Copy HF-named tensors into this rank's chunks; returns the HF names that were read.
+
+    Megatron parameters whose name starts with one of `missing_ok` keep their initial values
+    when the source lacks them (e.g. a new projector between a pretrained LLM and ViT).
+    """
     get = _getter(source)
     tp, tp_rank, pp_rank = par.tp, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     used = []
@@ -52,6 +56,8 @@ def load_hf_weights(chunks: Sequence[torch.nn.Module], source: TensorSource, mod
             try:
                 hf = [get(h) for h in param.hf_names]
             except KeyError as e:
+                if name.startswith(tuple(missing_ok)):
+                    continue
                 raise KeyError(f"missing weight for megatron parameter '{name}': {e}") from None
             full = mapping.to_mcore(model_config, param, hf)
             padded = target.shape[0] * tp if param.rule.shard == "vocab" else None
@@ -81,6 +87,29 @@ def load_full_weights(chunks: Sequence[torch.nn.Module], full_of: Callable[[mapp
                 raise ValueError(f"shape mismatch for '{param.name}' from {where}: it gives {tuple(piece.shape)} for "
                                  f"TP rank {tp_rank}/{tp}, the model expects {tuple(target.shape)}")
             target.copy_(piece.to(target.dtype))
+
+
+class PartsSource:
+    """HF tensors from separately released parts: a Qwen2 LLM and an InternViT-300M directory.
+
+    The ViT checkpoint (e.g. OpenGVLab/InternViT-300M-448px) uses the released Long-VITA ViT names
+    without the `model.vision_model.` prefix; the LLM (Qwen2.5-*-Instruct) uses Qwen2 names. The
+    projector has no source: it starts from its initialisation, as Long-VITA's stage 1 does.
+    """
+
+    VIT_PREFIX = "model.vision_model."
+
+    def __init__(self, llm_dir: str, vit_dir: str):
+        from megatron_vita.checkpoint.hf_io import HFCheckpoint
+
+        self.llm, self.vit = HFCheckpoint(llm_dir), HFCheckpoint(vit_dir)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name.startswith(self.VIT_PREFIX):
+            return self.vit.get(name[len(self.VIT_PREFIX):])
+        if name.startswith("model.vision_projection."):
+            raise KeyError(f"'{name}' (the projector is trained from scratch in stage 1)")
+        return self.llm.get(name)
 
 
 def load_checkpoint_weights(chunks: Sequence[torch.nn.Module], kind: str, path: str, model_config: ModelConfig,

@@ -32,7 +32,8 @@ def build_config(args: argparse.Namespace) -> train_config.TrainConfig:
         cfg.min_lr = 0.0
     if cfg.save_interval and not cfg.save:
         raise ValueError("--save-interval needs --save")
-    for path, flag in ((cfg.load, "--load"), (cfg.init_hf, "--init-hf")):
+    for path, flag in ((cfg.load, "--load"), (cfg.init_hf, "--init-hf"), (cfg.init_llm, "--init-llm"),
+                       (cfg.init_vit, "--init-vit")):
         if path and not os.path.isdir(path):
             raise FileNotFoundError(f"{flag} {path} is not a directory")
     if cfg.finetune and not cfg.load:

@@ -23,6 +23,8 @@ class TrainConfig:
     model: Optional[str] = None  # preset name or HF dir (default: the recipe's model)
     tokenizer: Optional[str] = None
     init_hf: Optional[str] = None  # start from an HF checkpoint, converted on the fly
+    init_llm: Optional[str] = None  # or from separate parts: a Qwen2 HF dir ...
+    init_vit: Optional[str] = None  # ... and an InternViT-300M HF dir (projector from scratch)
     # Parallel layout
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -104,6 +106,8 @@ HELP: Dict[str, str] = {
     "model": "model preset (tiny, long-vita-14b) or HF checkpoint dir for sizes (default: the recipe's)",
     "tokenizer": "HF tokenizer dir (default: the recipe's, under --data-root)",
     "init_hf": "initialise weights from a Long-VITA HF checkpoint (converted on the fly)",
+    "init_llm": "stage 1 from parts: the Qwen2.5 HF checkpoint (with --init-vit; projector starts fresh)",
+    "init_vit": "stage 1 from parts: the InternViT-300M-448px HF checkpoint (with --init-llm)",
     "num_layers_per_virtual_pipeline_stage": "LLM layers per virtual pipeline chunk (interleaved 1F1B)",
     "decoder_first_pipeline_num_layers": "LLM layers on the first pipeline stage (uneven split)",
     "decoder_last_pipeline_num_layers": "LLM layers on the last pipeline stage (uneven split)",
