@@ -146,9 +146,11 @@ class HFSource:
             raise KeyError(f"{self.path}: checkpoint has no tensor '{name}'")
         if file.endswith(".safetensors"):
             return self._safe(file).read(name, rows)
-        t = self._bins.get(os.path.join(self.path, file))[name]
-        t = (t if rows is None else t[rows[0]:rows[1]]).clone()
-        self._bins.touched(t.numel() * t.element_size())
+        path = os.path.join(self.path, file)
+        mapped = self._bins.get(path)[name]
+        mapped = mapped if rows is None else mapped[rows[0]:rows[1]]
+        t = mapped.clone()
+        self._bins.done_with(path, mapped)
         return t
 
     def full(self, param: mapping.Param) -> torch.Tensor:

@@ -233,7 +233,7 @@ class LegacySource:
     kind = "megatron"
     format = "legacy"
 
-    def __init__(self, path: str, cfg: Optional[ModelConfig] = None, budget_bytes: int = 256 << 20):
+    def __init__(self, path: str, cfg: Optional[ModelConfig] = None, budget_bytes: int = 512 << 20):
         self.iter_dir, self.iteration = resolve_iteration_dir(path)
         self.path = path
         self._cache = MmapCache(budget_bytes)
@@ -338,7 +338,7 @@ class LegacySource:
 
     def full(self, param: mapping.Param) -> torch.Tensor:
         """The full tensor, assembled piece by piece: each piece is copied out of its mapped file,
-        then counted against the mapping budget, so mapped pages never add up to a whole tensor."""
+        then its pages are dropped, so mapped pages never add up to more than one piece."""
         locs = self._loc[param.name]
         if param.rule.shard == "replicated":
             locs = locs[:1]
@@ -355,9 +355,7 @@ class LegacySource:
         for rank, (file, _, mk, key) in enumerate(locs):
             piece = self._cache.get(file)[mk][key]
             mapping.place(param, full, piece, len(locs), rank)
-            nbytes = piece.numel() * piece.element_size()
-            del piece
-            self._cache.touched(nbytes)
+            self._cache.done_with(file, piece)
         return full
 
     def close(self) -> None:

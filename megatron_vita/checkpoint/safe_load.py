@@ -4,13 +4,15 @@ Checkpoints are loaded with `weights_only=True`. Megatron's legacy `model_optim_
 also hold a few harmless non-tensor objects (an `argparse.Namespace` of the training flags,
 enums); only those are allow-listed. A pickle that asks for anything else is refused with an
 error that names the file and the global it wanted. `MmapCache` keeps large checkpoint files
-memory-mapped while a converter reads them, and unmaps them once a byte budget has been read.
+memory-mapped while a converter reads them, dropping the pages of each tensor once copied.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import mmap
 import pickle
+import sys
 import threading
 from typing import Any
 
@@ -49,17 +51,18 @@ def safe_torch_load(path: str, map_location: Any = "cpu", mmap: bool = False) ->
 
 
 class MmapCache:
-    """Open torch checkpoint files memory-mapped, and unmap them all once a byte budget is read.
+    """Torch checkpoint files opened memory-mapped, whose pages are dropped as callers finish.
 
-    A mapped page a conversion has read stays resident and counts in the process RSS until the
-    file is unmapped, so without a budget RSS would grow to the whole checkpoint. Callers copy
-    what they read (never keep views) and report the bytes with `touched`.
+    A mapped page a conversion has read stays resident and counts in the process RSS until it
+    is dropped or the file unmapped, so without care RSS grows to the whole checkpoint. Callers
+    copy what they read (never keep views) and then call `done_with`.
     """
 
     def __init__(self, budget_bytes: int = 1 << 30):
         self.budget = budget_bytes
         self._open: dict = {}
         self._touched = 0
+        self._mapped = set()
         self._lock = threading.Lock()  # a converter reads on two threads
 
     def get(self, path: str) -> Any:
@@ -70,6 +73,7 @@ class MmapCache:
         if path not in self._open:
             try:
                 self._open[path] = safe_torch_load(path, mmap=True)
+                self._mapped.add(path)
             except RuntimeError as e:
                 if "mmap" not in str(e):
                     raise
@@ -77,11 +81,48 @@ class MmapCache:
                 self._open[path] = safe_torch_load(path)
         return self._open[path]
 
-    def touched(self, nbytes: int) -> None:
+    def done_with(self, path: str, tensor: torch.Tensor) -> None:
+        """The caller copied `tensor` (read from `path`): drop its mapped pages from this process.
+
+        Dropping clean pages of a file mapping only unmaps them (the file is unchanged and a later
+        read maps them again), so the files stay open and are not re-parsed. Where madvise is not
+        available, files are unmapped once `budget` bytes have been read instead.
+        """
+        nbytes = tensor.numel() * tensor.element_size()
+        if path not in self._mapped:
+            return  # loaded whole: nothing mapped (and dropping anonymous pages would zero them)
+        if nbytes and _madvise_dontneed(tensor.data_ptr(), nbytes):
+            return
         self._touched += nbytes
         if self._touched >= self.budget:
             self.release()
 
     def release(self) -> None:
         self._open.clear()
+        self._mapped.clear()
         self._touched = 0
+
+
+def _madvise_dontneed(address: int, nbytes: int) -> bool:
+    """madvise(MADV_DONTNEED) over the pages of [address, address + nbytes); False if unavailable."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+            import ctypes.util
+
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            _LIBC = (libc, mmap.PAGESIZE)
+        except (OSError, AttributeError):
+            _LIBC = False
+    if not _LIBC or not sys.platform.startswith("linux"):
+        return False
+    libc, page = _LIBC
+    start = address - address % page
+    end = -(-(address + nbytes) // page) * page
+    return libc.madvise(start, end - start, _MADV_DONTNEED) == 0
+
+
+_LIBC = None
+_MADV_DONTNEED = 4  # Linux

@@ -2,6 +2,7 @@
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -74,30 +75,34 @@ def test_malicious_pickle_is_refused_and_never_runs(kind, tiny_hf_dir, tmp_path)
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
-def _hf_variant(tiny_hf_dir, tmp_path, edit):
-    """A single-file copy of the tiny HF checkpoint with `edit(tensors)` applied."""
+def _missing(t):
+    shape = list(t.pop("model.layers.1.mlp.up_proj.weight").shape)
+    return f"missing key 'model.layers.1.mlp.up_proj.weight' (the model config expects shape {shape})"
+
+
+def _unexpected(t):
+    t["model.layers.1.mlp.extra.weight"] = torch.zeros(3, 5)
+    return "unexpected key 'model.layers.1.mlp.extra.weight' (shape [3, 5])"
+
+
+def _shape(t):
+    name = "model.layers.2.self_attn.k_proj.weight"
+    good = list(t[name].shape)
+    t[name] = torch.zeros(good[0] // 2, good[1])
+    return (f"shape mismatch for '{name}': the checkpoint has {[good[0] // 2, good[1]]}, "
+            f"the model config expects {good}")
+
+
+@pytest.mark.parametrize("edit", [_missing, _unexpected, _shape], ids=["missing", "unexpected", "shape"])
+def test_hf_key_and_shape_errors_name_key_and_shapes(edit, tiny_hf_dir, tmp_path):
     from safetensors.torch import save_file
 
-    out = tmp_path / "edited"
-    out.mkdir()
-    shutil.copy(os.path.join(tiny_hf_dir, "config.json"), out)
+    src = tmp_path / "edited"
+    src.mkdir()
+    shutil.copy(os.path.join(tiny_hf_dir, "config.json"), src)
     tensors = hf_tensors(tiny_hf_dir)
-    edit(tensors)
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    return out
-
-
-@pytest.mark.parametrize("edit, message", [
-    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
-     "missing key 'model.layers.1.mlp.up_proj.weight' (the model config expects shape [128, 64])"),
-    (lambda t: t.update({"model.layers.1.mlp.extra.weight": torch.zeros(3, 5)}),
-     "unexpected key 'model.layers.1.mlp.extra.weight' (shape [3, 5])"),
-    (lambda t: t.update({"model.layers.2.self_attn.k_proj.weight": torch.zeros(16, 64)}),
-     "shape mismatch for 'model.layers.2.self_attn.k_proj.weight': the checkpoint has [16, 64], "
-     "the model config expects [32, 64]"),
-], ids=["missing", "unexpected", "shape"])
-def test_hf_key_and_shape_errors_name_key_and_shapes(edit, message, tiny_hf_dir, tmp_path):
-    src = _hf_variant(tiny_hf_dir, tmp_path, edit)
+    message = edit(tensors)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError) as e:
         run(src, tmp_path / "out", "hf", "megatron")
     assert message in str(e.value) and str(src) in str(e.value)
@@ -105,14 +110,21 @@ def test_hf_key_and_shape_errors_name_key_and_shapes(edit, message, tiny_hf_dir,
 
 
 def test_megatron_key_shape_and_config_errors(tiny_hf_dir, wide_hf_dir, tmp_path):
+    from megatron_vita.config.model import ModelConfig
+
+    tiny, wide = ModelConfig.from_hf_dir(tiny_hf_dir).to_hf_dict(), ModelConfig.from_hf_dir(wide_hf_dir).to_hf_dict()
+    key = next(k for k in sorted(tiny) if tiny[k] != wide[k])
     run(tiny_hf_dir, tmp_path / "mg", "hf", "megatron", megatron_format="legacy", names="mindspeed", tp=2)
     # The checkpoint carries its config; a different --model is a config mismatch naming the fields.
-    with pytest.raises(ValueError, match=r"config mismatch[\s\S]*hidden_size: checkpoint 64 vs --model 128"):
+    with pytest.raises(ValueError, match=r"config mismatch") as e:
         run(tmp_path / "mg", tmp_path / "out", "megatron", "hf", model=wide_hf_dir)
+    assert f"{key}: checkpoint {tiny[key]!r} vs --model {wide[key]!r}" in str(e.value)
     it = tmp_path / "mg" / "iter_0000000"
+    pieces = {}
     for rank in ("mp_rank_00", "mp_rank_01"):
         obj = torch.load(it / rank / "model_optim_rng.pt", weights_only=False)
         del obj["model_config"]  # like released weights: the config must come from --model
+        pieces[rank] = {k: list(v.shape) for k, v in obj["model"].items()}
         if rank == "mp_rank_01":
             obj["model"].pop("decoder.layers.1.mlp.linear_fc2.weight")
             obj["model"]["decoder.layers.0.extra.weight"] = torch.zeros(2, 2)
@@ -120,13 +132,17 @@ def test_megatron_key_shape_and_config_errors(tiny_hf_dir, wide_hf_dir, tmp_path
     file = it / "mp_rank_01" / "model_optim_rng.pt"
     with pytest.raises(ValueError) as e:
         run(tmp_path / "mg", tmp_path / "out", "megatron", "hf", model=wide_hf_dir)
-    # Against a wider config every tensor mismatches: key, file and both shapes are named.
-    assert (f"shape mismatch for 'embedding.word_embeddings.weight' in {it / 'mp_rank_00' / 'model_optim_rng.pt'} "
-            "[model]: the checkpoint has [256, 64], the model config expects [256, 128]") in str(e.value)
+    # Against another config, tensors mismatch: each line names the key, the file and both shapes.
+    found = re.findall(r"shape mismatch for '([^']+)' in (\S+) \[model\]: the checkpoint has (\[[\d, ]+\]), "
+                       r"the model config expects \[[\d, ]+\]", str(e.value))
+    assert found, str(e.value)
+    for key, path, have in found:
+        assert str(pieces[os.path.basename(os.path.dirname(path))][key]) == have
     with pytest.raises(ValueError) as e:
         run(tmp_path / "mg", tmp_path / "out", "megatron", "hf", model=tiny_hf_dir)
     text = str(e.value)
-    assert f"missing key 'decoder.layers.1.mlp.linear_fc2.weight' in {file} [model] (expected shape [64, 64])" in text
+    fc2 = pieces["mp_rank_01"]["decoder.layers.1.mlp.linear_fc2.weight"]
+    assert f"missing key 'decoder.layers.1.mlp.linear_fc2.weight' in {file} [model] (expected shape {fc2})" in text
     assert f"unexpected key 'decoder.layers.0.extra.weight' (shape [2, 2]) in {file} [model]" in text
     assert not (tmp_path / "out").exists()
 
