@@ -5,6 +5,8 @@ backward in a fresh process with Long-VITA's vocabulary (V = 152064): once compu
 [S, V] logits then the loss over supervised tokens, once selecting the k supervised positions
 before the output projection. Printed: peak extra memory (RSS growth on CPU, allocator peak on
 GPU/NPU) and time of each, and their ratios. The loss values of both are printed too: they agree.
+As in training under megatron's DDP, the output weight has its persistent fp32 gradient buffer
+(main_grad) before measuring, so both paths are charged only for what head + loss add.
 
     python benchmarks/logits_memory.py                      # S = 4K, 8K, 16K; k = 256
     python benchmarks/logits_memory.py --seq 4096 --supervised 256 --hidden 5120
@@ -42,6 +44,10 @@ def _measure(rank, world, s, k, hidden, dtype_name, masked, seed):
         sequence_parallel = False
 
     head = Head()
+    # As in training: megatron's DDP gives every parameter a persistent fp32 gradient buffer
+    # (main_grad) at start-up; the head accumulates its weight gradient there.
+    head.weight.main_grad = torch.zeros(V, hidden, dtype=torch.float32, device=device)
+    head.weight.grad_added_to_main_grad = False
     hidden_states = (torch.randn(s, 1, hidden, generator=g)).to(dtype).to(device).requires_grad_()
     labels = torch.full((1, s), -100, dtype=torch.long)
     positions = torch.randperm(s, generator=g)[:k]

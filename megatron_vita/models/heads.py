@@ -29,9 +29,45 @@ def _full_sequence(hidden: torch.Tensor, sequence_parallel: bool) -> torch.Tenso
     return tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
 
 
+_WGRAD_ROWS = 1024  # rows per fp32 accumulation step: bounds the fp32 copies of activations/grads
+
+
+class _VocabProjection(torch.autograd.Function):
+    """x @ W^T whose weight gradient goes straight into megatron DDP's fp32 `main_grad` buffer.
+
+    Megatron's gradient-accumulation fusion (TE/apex on GPU, npu_matmul_add_fp32 on NPU) does the
+    same: main_grad += dZ^T x without materialising a separate [V, h] gradient. Here it is plain
+    torch (addmm_ in row chunks), so it runs on every backend; without a main_grad (no DDP) the
+    ordinary gradient is returned.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return x.matmul(weight.t())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad.matmul(weight)
+        g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        main_grad = getattr(weight, "main_grad", None)
+        if main_grad is None:
+            return grad_x, g2.t().matmul(x2)
+        for start in range(0, g2.shape[0], _WGRAD_ROWS):
+            rows = slice(start, start + _WGRAD_ROWS)
+            main_grad.addmm_(g2[rows].t().to(main_grad.dtype), x2[rows].to(main_grad.dtype))
+        if hasattr(weight, "grad_added_to_main_grad"):
+            # As megatron's fused path: DDP's hook must skip its own add; a placeholder gradient
+            # keeps the hook running on the backward thread.
+            weight.grad_added_to_main_grad = True
+            return grad_x, torch.empty_like(weight)
+        return grad_x, None
+
+
 def vocab_parallel_logits(output_layer: torch.nn.Module, hidden: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
     """[s, b, V/tp] logits of this rank's vocabulary shard."""
-    return F.linear(_full_sequence(hidden, sequence_parallel), output_layer.weight)
+    return _VocabProjection.apply(_full_sequence(hidden, sequence_parallel), output_layer.weight)
 
 
 def language_model_loss(output_layer: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
@@ -90,7 +126,7 @@ def masked_language_model_loss(output_layer: torch.nn.Module, hidden: torch.Tens
         rows, row_targets = _gather_rows_from_tp(rows), _gather_rows_from_tp(row_targets)
     else:
         rows = tensor_parallel.copy_to_tensor_model_parallel_region(rows)
-    logits = F.linear(rows, output_layer.weight).unsqueeze(1)  # [k, 1, V/tp]
+    logits = _VocabProjection.apply(rows, output_layer.weight).unsqueeze(1)  # [k, 1, V/tp]
     losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), row_targets.unsqueeze(1))
     return losses.squeeze(1)
 

@@ -1,5 +1,8 @@
 """The logits-masked LM head gives the full-logits loss and the same gradients, with TP and SP.
 
+Also: with a megatron-DDP style fp32 `main_grad` on the output weight, its gradient is
+accumulated there (no separate [V, h] gradient) and equals the ordinary one.
+
 Cases: TP1 (as DP2), TP2, TP2 + sequence parallel (each TP rank then selects from its own
 slice of the sequence; one rank's slice holds no supervised token of a row).
 """
@@ -50,8 +53,17 @@ def _rank(rank, world, hf_dir):
             assert set(full_grads) == set(mask_grads)
             grad_diff = max(((full_grads[n] - mask_grads[n]).abs().max() / full_grads[n].abs().max().clamp(min=1e-12))
                             .item() for n in full_grads)
+            # Under megatron DDP the output weight's gradient is accumulated into its fp32 main_grad.
+            weight = model.language_model.output_layer.weight
+            weight.main_grad = torch.zeros_like(weight, dtype=torch.float32)
+            weight.grad_added_to_main_grad = False
+            _grads_and_loss(model, batch, masked=True)
+            key = "language_model.output_layer.weight"
+            main_grad_diff = (weight.main_grad - mask_grads[key]).abs().max().item() / mask_grads[key].abs().max().item()
+            assert weight.grad_added_to_main_grad
             out[name] = dict(full=full_loss.item(), masked=mask_loss.item(), grad_rel=grad_diff,
-                             full_shape=full_shape, mask_shape=mask_shape, n_grads=len(full_grads))
+                             full_shape=full_shape, mask_shape=mask_shape, n_grads=len(full_grads),
+                             main_grad_rel=main_grad_diff)
     return out
 
 
@@ -63,4 +75,5 @@ def test_masked_head_equals_full_logits(tiny_hf_dir):
             assert r["full_shape"] == (2, 32) and r["mask_shape"] == (supervised,), (name, r)
             assert abs(r["full"] - r["masked"]) <= 1e-6 * abs(r["full"]), (rank, name, r)
             assert r["grad_rel"] <= 1e-5, (rank, name, r)
+            assert r["main_grad_rel"] <= 1e-5, (rank, name, r)
             assert r["n_grads"] > 50  # every parameter, ViT included, took part in backward
