@@ -81,7 +81,7 @@ def make_checkpoint(out: str, layers: int, seed: int = 0) -> None:
     """Child process: the synthetic HF checkpoint, one tensor in memory at a time; CRCs to crc.json."""
     import torch
 
-    from megatron_vita.checkpoint.hf_format import AUX_FILES, HFWriter, model_shapes  # noqa: F401
+    from megatron_vita.checkpoint.hf_format import HFWriter, model_shapes
     from megatron_vita.checkpoint.megatron_layout import ordered_params
     from megatron_vita.config.model import ModelConfig
 

@@ -166,7 +166,7 @@ class CheckpointRef:
     layout: Optional[Dict] = None
 
     def config(self):
-        from megatron_vita.config.model import ModelConfig, resolve_model_config
+        from megatron_vita.config.model import ModelConfig
 
         if self.kind == "hf":
             return ModelConfig.from_hf_dir(self.path)
