@@ -124,11 +124,15 @@ def save_checkpoint(root: str, iteration: int, ddp_chunks, optimizer, scheduler,
     return final
 
 
-def _check_common_state_is_safe(path: str) -> None:
-    """megatron reads common.pt with weights_only=False: refuse a pickle that wants to run code."""
+def _check_pickles_are_safe(path: str) -> None:
+    """megatron reads common.pt and DCP's .metadata with plain pickle: refuse either if it wants
+    to run code, before megatron opens them."""
+    from megatron_vita.checkpoint.dist_format import read_metadata
+
     common = os.path.join(path, "common.pt")
     if os.path.isfile(common):
         safe_torch_load(common)
+    read_metadata(path)
 
 
 def load_checkpoint(root: str, ddp_chunks, optimizer=None, scheduler=None, *, load_optim: bool = True,
@@ -142,7 +146,7 @@ def load_checkpoint(root: str, ddp_chunks, optimizer=None, scheduler=None, *, lo
     if iteration is None:
         raise FileNotFoundError(f"--load {root}: no {TRACKER} (not a checkpoint directory, or never saved)")
     path = iteration_dir(root, iteration)
-    _check_common_state_is_safe(path)
+    _check_pickles_are_safe(path)
     chunks = _unwrap(ddp_chunks)
     template = _model_sharded_state(chunks)
     with_optim = optimizer is not None and load_optim and not finetune
