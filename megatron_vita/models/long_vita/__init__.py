@@ -1,1 +1,1 @@
-"""models/long_vita"""
+"""The combined Long-VITA model and the builder of per-rank pipeline chunks."""

@@ -1,1 +1,1 @@
-"""models/projector"""
+"""Pixel shuffle and the MLP projector from ViT features to the LLM width."""

@@ -1,1 +1,1 @@
-"""models/vision"""
+"""InternViT-300M on megatron-core (layer-scaled, bidirectional, no final norm)."""
