@@ -1,7 +1,7 @@
 """Move weights between HF tensors and live megatron-core model chunks at any parallel layout.
 
 `load_hf_weights` fills this rank's chunks from any tensor source keyed by HF names (an
-HFCheckpoint, a dict): each parameter is read, transformed to the megatron layout, cut to this
+HFSource, a dict): each parameter is read, transformed to the megatron layout, cut to this
 rank's TP piece and checked against the parameter's shape. Nothing is silently skipped: a
 parameter with no source, or a shape that disagrees, is an error naming the key and shapes.
 `load_full_weights` does the same from full megatron-core tensors (a converter source), and
@@ -29,7 +29,7 @@ def _getter(source) -> Callable[[str], torch.Tensor]:
                 raise KeyError(f"source has no tensor '{name}'")
             return source[name]
         return get
-    return source.get if hasattr(source, "get") else source
+    return source.read if hasattr(source, "read") else source  # an HFSource, or a callable
 
 
 def chunk_parameters(chunk: torch.nn.Module) -> Dict[str, torch.Tensor]:
@@ -99,17 +99,17 @@ class PartsSource:
 
     VIT_PREFIX = "model.vision_model."
 
-    def __init__(self, llm_dir: str, vit_dir: str):
-        from megatron_vita.checkpoint.hf_io import HFCheckpoint
+    def __init__(self, llm_dir: str, vit_dir: str, cfg: ModelConfig):
+        from megatron_vita.checkpoint.hf_format import HFSource
 
-        self.llm, self.vit = HFCheckpoint(llm_dir), HFCheckpoint(vit_dir)
+        self.llm, self.vit = HFSource(llm_dir, cfg), HFSource(vit_dir, cfg)
 
-    def get(self, name: str) -> torch.Tensor:
+    def read(self, name: str) -> torch.Tensor:
         if name.startswith(self.VIT_PREFIX):
-            return self.vit.get(name[len(self.VIT_PREFIX):])
+            return self.vit.read(name[len(self.VIT_PREFIX):])
         if name.startswith("model.vision_projection."):
             raise KeyError(f"'{name}' (the projector is trained from scratch in stage 1)")
-        return self.llm.get(name)
+        return self.llm.read(name)
 
 
 def load_checkpoint_weights(chunks: Sequence[torch.nn.Module], kind: str, path: str, model_config: ModelConfig,
@@ -121,9 +121,9 @@ def load_checkpoint_weights(chunks: Sequence[torch.nn.Module], kind: str, path: 
     (legacy files, MindSpeed/TE names, other padding): the converter's streaming readers.
     """
     if kind == "hf":
-        from megatron_vita.checkpoint.hf_io import HFCheckpoint
+        from megatron_vita.checkpoint.hf_format import HFSource
 
-        load_hf_weights(chunks, HFCheckpoint(path), model_config, par)
+        load_hf_weights(chunks, HFSource(path), model_config, par)
         return "HF weights"
     from megatron_vita.checkpoint.convert import megatron_format_of
 

@@ -60,7 +60,7 @@ def setup_model_and_optimizer(cfg: TrainConfig, model_config: ModelConfig, par: 
     Megatron's process groups must exist. Initial weights: --init-hf, else megatron's random init
     (--load is applied afterwards by the caller). Frozen modules get no gradient buffers.
     """
-    from megatron_vita.checkpoint.hf_io import HFCheckpoint
+    from megatron_vita.checkpoint.hf_format import HFSource
     from megatron_vita.checkpoint.model_io import PartsSource, load_hf_weights
     from megatron_vita.models.long_vita.builder import BuildOptions, build_model_chunks
     from megatron_vita.training.engine import wrap_ddp
@@ -73,11 +73,11 @@ def setup_model_and_optimizer(cfg: TrainConfig, model_config: ModelConfig, par: 
         recompute_granularity=cfg.recompute_granularity, recompute_method=cfg.recompute_method,
         recompute_num_layers=cfg.recompute_num_layers, logits_mask=not cfg.no_logits_mask))
     if cfg.init_hf:
-        load_hf_weights(chunks, HFCheckpoint(cfg.init_hf), model_config, par)
+        load_hf_weights(chunks, HFSource(cfg.init_hf, model_config), model_config, par)
     elif cfg.init_llm or cfg.init_vit:
         if not (cfg.init_llm and cfg.init_vit):
             raise ValueError("--init-llm and --init-vit go together (the LLM and the ViT of stage 1)")
-        load_hf_weights(chunks, PartsSource(cfg.init_llm, cfg.init_vit), model_config, par,
+        load_hf_weights(chunks, PartsSource(cfg.init_llm, cfg.init_vit, model_config), model_config, par,
                         missing_ok=("vision_projection.",))
     for chunk in chunks:
         chunk.freeze(vision=bool(cfg.freeze_vision), projector=bool(cfg.freeze_projector),

@@ -21,7 +21,7 @@ LAYOUT = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, virt
 
 def _rank(rank, world, hf_dir, converted, save_root):
     from megatron_vita.checkpoint.dist_writer import save_in_process
-    from megatron_vita.checkpoint.hf_io import HFCheckpoint
+    from megatron_vita.checkpoint.hf_format import HFSource
     from megatron_vita.checkpoint.model_io import chunk_parameters, load_checkpoint_weights, load_hf_weights
     from megatron_vita.config import ModelConfig, ParallelConfig
     from megatron_vita.models.long_vita.builder import build_model_chunks
@@ -31,7 +31,7 @@ def _rank(rank, world, hf_dir, converted, save_root):
     par = ParallelConfig(**LAYOUT)
     with parallel_layout(par):
         ref = build_model_chunks(cfg, par)
-        load_hf_weights(ref, HFCheckpoint(hf_dir), cfg, par)
+        load_hf_weights(ref, HFSource(hf_dir), cfg, par)
         chunks = build_model_chunks(cfg, par)
         how = load_checkpoint_weights(chunks, "megatron", converted, cfg, par)
         differ = [n for c, r in zip(chunks, ref) for n, t in chunk_parameters(c).items()

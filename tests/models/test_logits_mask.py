@@ -23,7 +23,7 @@ def _grads_and_loss(model, batch, masked: bool):
 
 
 def _rank(rank, world, hf_dir):
-    from megatron_vita.checkpoint.hf_io import HFCheckpoint
+    from megatron_vita.checkpoint.hf_format import HFSource
     from megatron_vita.checkpoint.model_io import load_hf_weights
     from megatron_vita.config import ModelConfig, ParallelConfig
     from megatron_vita.models.long_vita.builder import build_model_chunks
@@ -47,7 +47,7 @@ def _rank(rank, world, hf_dir):
         par = ParallelConfig(**layout)
         with parallel_layout(par):
             model = build_model_chunks(cfg, par)[0]
-            load_hf_weights([model], HFCheckpoint(hf_dir), cfg, par)
+            load_hf_weights([model], HFSource(hf_dir), cfg, par)
             full_loss, full_grads, full_shape = _grads_and_loss(model, batch, masked=False)
             mask_loss, mask_grads, mask_shape = _grads_and_loss(model, batch, masked=True)
             assert set(full_grads) == set(mask_grads)

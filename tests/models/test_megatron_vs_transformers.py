@@ -77,7 +77,7 @@ def _internvl_to_long_vita_names(sd):
 def _compare_rank(rank, world, hf_dir):
     from transformers import AutoModelForCausalLM
 
-    from megatron_vita.checkpoint.hf_io import HFCheckpoint
+    from megatron_vita.checkpoint.hf_format import HFSource
     from megatron_vita.checkpoint.model_io import load_hf_weights
     from megatron_vita.config import ModelConfig, ParallelConfig
     from megatron_vita.models.long_vita.builder import build_model_chunks
@@ -85,9 +85,9 @@ def _compare_rank(rank, world, hf_dir):
     from megatron_vita.parallel.state import parallel_layout
 
     cfg = ModelConfig.from_hf_dir(hf_dir)
-    ckpt = HFCheckpoint(hf_dir)
+    ckpt = HFSource(hf_dir)
     qwen2, vit = _qwen2(cfg), _internvl_vision(cfg)
-    source = {name: ckpt.get(name) for name in ckpt.names()}
+    source = {name: ckpt.read(name) for name in list(ckpt.weight_map)}
     source.update({k: v for k, v in qwen2.state_dict().items()})
     source.update(_internvl_to_long_vita_names(vit.state_dict()))
     hf_long_vita = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()

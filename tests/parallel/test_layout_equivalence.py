@@ -15,7 +15,7 @@ TOLERANCE = 1e-5
 
 
 def _run_layouts(rank, world, hf_dir, layouts):
-    from megatron_vita.checkpoint.hf_io import HFCheckpoint
+    from megatron_vita.checkpoint.hf_format import HFSource
     from megatron_vita.checkpoint.model_io import load_hf_weights
     from megatron_vita.config import ModelConfig, ParallelConfig
     from megatron_vita.models.long_vita.builder import build_model_chunks
@@ -32,7 +32,7 @@ def _run_layouts(rank, world, hf_dir, layouts):
         par = ParallelConfig(**layout)
         with parallel_layout(par) as info:
             chunks = build_model_chunks(cfg, par)
-            load_hf_weights(chunks, HFCheckpoint(hf_dir), cfg, par)
+            load_hf_weights(chunks, HFSource(hf_dir), cfg, par)
             ddp = wrap_ddp(chunks, use_distributed_optimizer=distopt)
             optimizer = build_optimizer(ddp, OptimConfig(lr=1e-3, use_distributed_optimizer=distopt))
             per_rank = len(batch) // info.dp_size

@@ -14,15 +14,15 @@ from mv_testlib import spawn
 
 
 def _split(hf_dir, out):
-    from megatron_vita.checkpoint.hf_io import HFCheckpoint
+    from megatron_vita.checkpoint.hf_format import HFSource
 
-    ckpt = HFCheckpoint(hf_dir)
+    ckpt = HFSource(hf_dir)
     llm, vit = {}, {}
-    for name in ckpt.names():
+    for name in list(ckpt.weight_map):
         if name.startswith("model.vision_model."):
-            vit[name[len("model.vision_model."):]] = ckpt.get(name)
+            vit[name[len("model.vision_model."):]] = ckpt.read(name)
         elif not name.startswith("model.vision_projection."):
-            llm[name] = ckpt.get(name)
+            llm[name] = ckpt.read(name)
     for sub, tensors in (("llm", llm), ("vit", vit)):
         os.makedirs(os.path.join(out, sub))
         save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, sub, "model.safetensors"))
