@@ -6,7 +6,9 @@
 3. convert the final checkpoint to the Hugging Face layout;
 4. load it with transformers (AutoModelForCausalLM, no remote code) and answer the held-out
    questions about held-out images and videos: accuracy per question type next to chance;
-5. write the loss curve of both stages as a PNG.
+5. write the loss curve of both stages as a PNG;
+6. verify the export: transformers on the HF files vs megatron-core on the trained checkpoint,
+   resharded to TP=2 x PP=2, on a held-out image and video. Its `verify:` line is the last line.
 """
 from __future__ import annotations
 
@@ -104,13 +106,13 @@ def run_demo(out: str, tp: int = 2, stage1_iters: int = 30, stage2_iters: int = 
     t0 = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     data = os.path.join(out, "data")
-    log(f"[demo] 1/5 synthetic data -> {data}")
+    log(f"[demo] 1/6 synthetic data -> {data}")
     make_demo(data, seed=seed, scale=data_scale, overwrite=True)
     common = dict(tensor_model_parallel_size=tp, seq_length=seq_length, global_batch_size=global_batch_size,
                   num_workers=1, log_interval=25, seed=1234 + seed)
-    log(f"[demo] 2/5 stage 1 (projector only), {stage1_iters} iterations at TP={tp}")
+    log(f"[demo] 2/6 stage 1 (projector only), {stage1_iters} iterations at TP={tp}")
     s1 = train_stage(1, data, os.path.join(out, "stage1"), backend, train_iters=stage1_iters, **common)
-    log(f"[demo] 3/5 stage 2 (all modules), {stage2_iters} iterations at TP={tp}, from stage 1")
+    log(f"[demo] 3/6 stage 2 (all modules), {stage2_iters} iterations at TP={tp}, from stage 1")
     s2 = train_stage(2, data, os.path.join(out, "stage2"), backend, train_iters=stage2_iters, lr=stage2_lr,
                      min_lr=stage2_lr / 20, vision_lr_mult=1.0, vision_layer_decay=1.0,
                      load=os.path.join(out, "stage1"), finetune=True, **common)
@@ -119,10 +121,10 @@ def run_demo(out: str, tp: int = 2, stage1_iters: int = 30, stage2_iters: int = 
                     [(len(s1) + r["iteration"], r["loss"]) for r in s2], curve,
                     title=f"demo loss: stage 1 (iterations 1-{len(s1)}) then stage 2")
     hf_dir = os.path.join(out, "hf")
-    log(f"[demo] 4/5 convert stage 2 -> HF layout at {hf_dir}")
+    log(f"[demo] 4/6 convert stage 2 -> HF layout at {hf_dir}")
     convert(os.path.join(out, "stage2"), hf_dir, src_format="megatron", dst_format="hf", force=True,
             tokenizer=os.path.join(data, "tokenizer"), progress=False, log=lambda *a: None)
-    log("[demo] 5/5 held-out questions on unseen images and videos (transformers, greedy)")
+    log("[demo] 5/6 held-out questions on unseen images and videos (transformers, greedy)")
     result = evaluate(hf_dir, data, log=log)
     minutes = (time.perf_counter() - t0) / 60
     log(f"[demo] {'question':<8} {'accuracy':>9} {'chance':>7} {'n':>4}")
@@ -136,7 +138,20 @@ def run_demo(out: str, tp: int = 2, stage1_iters: int = 30, stage2_iters: int = 
     summary = {"accuracy": result, "minutes": minutes, "loss_curve": curve, "hf": hf_dir}
     with open(os.path.join(out, "demo_result.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
+    log(f"[demo] 6/6 verify: HF export (transformers) vs the stage-2 checkpoint on megatron-core at TP={tp} x PP=2")
+    summary["verify"] = verify_export(hf_dir, os.path.join(out, "stage2"), data, tp, backend, log)
     return summary
+
+
+def verify_export(hf_dir: str, megatron_dir: str, data: str, tp: int, backend: str, log=print) -> Dict:
+    from megatron_vita.checkpoint.verify import verify
+
+    heldout = os.path.join(data, "heldout")
+    with open(os.path.join(heldout, "heldout.jsonl"), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    image = next(os.path.join(data, r["images"][0]) for r in records if r.get("images"))
+    video = next(os.path.join(data, r["videos"][0]) for r in records if r.get("videos"))
+    return verify(hf_dir, tp=tp, pp=2, image=image, video=video, megatron_dir=megatron_dir, backend=backend, log=log)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -152,6 +167,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    run_demo(args.out, args.tp, args.stage1_iters, args.stage2_iters, args.seq_length, args.global_batch_size,
-             args.stage2_lr, args.data_scale, args.seed, backend=args.backend)
-    return 0
+    summary = run_demo(args.out, args.tp, args.stage1_iters, args.stage2_iters, args.seq_length,
+                       args.global_batch_size, args.stage2_lr, args.data_scale, args.seed, backend=args.backend)
+    return 0 if summary["verify"]["passed"] else 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List
 
+import numpy as np
 import torch
 
 IGNORE = -100
@@ -87,3 +88,29 @@ def tiny_checkpoint(path: str, seed: int = 0) -> str:
 
 def rel_diff(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
+
+
+def write_png(path):
+    """A real PNG: a yellow square on blue, 150x90 (a 2-tile grid at 56px)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (150, 90), (20, 40, 160))
+    ImageDraw.Draw(img).rectangle([30, 20, 80, 70], fill=(230, 200, 20))
+    img.save(path)
+
+
+def write_mp4(path, frames=12, fps=4):
+    """A real H.264 MP4 (PyAV): a green bar moving right over a reddening background."""
+    import av
+
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(frames):
+            a = np.zeros((48, 64, 3), dtype=np.uint8)
+            a[..., 0] = 20 * i
+            a[10:30, 4 * i:4 * i + 12, 1] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)

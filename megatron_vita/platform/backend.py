@@ -216,6 +216,9 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor` is deprecated.*")
     warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor` is deprecated.*")
+    # torch.distributed.checkpoint deprecations hit by megatron's dist-checkpoint loader.
+    warnings.filterwarnings("ignore", message=".*`load_state_dict` is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*Please use DTensor instead and we are deprecating ShardedTensor.*")
 
 
 def _patch_megatron(name: str) -> None:

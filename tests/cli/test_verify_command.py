@@ -4,34 +4,11 @@ import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
+from mv_testlib import write_mp4, write_png
+
 LAST_LINE = re.compile(r"^verify: cosine=(?P<cos>[0-9.]+) max_abs=(?P<abs>[0-9.e+-]+) top1=(?P<top1>[0-9.]+)%$")
-
-
-def _write_png(path):
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (150, 90), (20, 40, 160))
-    ImageDraw.Draw(img).rectangle([30, 20, 80, 70], fill=(230, 200, 20))
-    img.save(path)
-
-
-def _write_mp4(path, frames=12, fps=4):
-    import av
-
-    with av.open(path, mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for i in range(frames):
-            a = np.zeros((48, 64, 3), dtype=np.uint8)
-            a[..., 0] = 20 * i
-            a[10:30, 4 * i:4 * i + 12, 1] = 255
-            for packet in stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 def _verify(*args, timeout=600):
@@ -41,8 +18,8 @@ def _verify(*args, timeout=600):
 
 def test_verify_tp2_pp2_with_real_image_and_video(tiny_hf_dir, tmp_path):
     image, video = str(tmp_path / "img.png"), str(tmp_path / "clip.mp4")
-    _write_png(image)
-    _write_mp4(video)
+    write_png(image)
+    write_mp4(video)
     proc = _verify("--hf", tiny_hf_dir, "--tp", "2", "--pp", "2", "--image", image, "--video", video)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.strip().splitlines()

@@ -215,3 +215,26 @@ def test_released_image_indices_argument(released):
     assert not math.isclose((given - swapped).abs().max().item(), 0.0)
     assert (given - text)[0, 3:].abs().max().item() > 1e-3
     torch.testing.assert_close(given[:, :3], text[:, :3], rtol=1e-5, atol=1e-5)
+
+
+def test_verify_passes_on_the_released_layout_at_tp2_pp2(released, tmp_path):
+    """`megatron-vita verify` on the hand-made released checkpoint, with a real image and a real video."""
+    import re
+    import subprocess
+    import sys
+
+    from mv_testlib import write_mp4, write_png
+
+    vita_dir, _, _ = released
+    _write_config(vita_dir, RELEASED_CONFIG)
+    image, video = str(tmp_path / "img.png"), str(tmp_path / "clip.mp4")
+    write_png(image)
+    write_mp4(video)
+    proc = subprocess.run([sys.executable, "-m", "megatron_vita", "verify", "--hf", vita_dir, "--tp", "2", "--pp", "2",
+                           "--image", image, "--video", video], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MEGATRON_VITA_BACKEND": "cpu"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    m = re.match(r"^verify: cosine=([0-9.]+) max_abs=(\S+) top1=([0-9.]+)%$", last)
+    assert m and float(m.group(1)) >= 0.9999 and float(m.group(3)) == 100.0, last
+    assert f"from {image}" in proc.stdout and f"from {video}" in proc.stdout
