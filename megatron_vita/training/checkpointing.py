@@ -13,8 +13,10 @@ after every rank finished, and updates `latest_checkpointed_iteration.txt` last 
 so an interrupted save never looks like a checkpoint and `latest` always names a complete one.
 
 Model weights reshard on load (dist checkpointing): a checkpoint saved at one TP/PP loads at
-another. Optimizer state also loads across layouts when both runs use the same optimizer kind
-(the distributed optimizer saves in the model space); otherwise pass --no-load-optim.
+another. Optimizer state (megatron-core 0.12.1 keeps its parameter groups per rank) loads only
+into the layout it was saved from; a changed layout is refused with the advice to pass
+--no-load-optim, which keeps the weights, the iteration and the data position and starts a fresh
+optimizer and LR schedule (as Megatron-LM's flag does).
 """
 from __future__ import annotations
 
@@ -124,32 +126,59 @@ def save_checkpoint(root: str, iteration: int, ddp_chunks, optimizer, scheduler,
     return final
 
 
-def _check_pickles_are_safe(path: str) -> None:
+def _check_pickles_are_safe(path: str) -> Dict[str, Any]:
     """megatron reads common.pt and DCP's .metadata with plain pickle: refuse either if it wants
-    to run code, before megatron opens them."""
+    to run code, before megatron opens them. Returns the (safely loaded) common state."""
     from megatron_vita.checkpoint.dist_format import read_metadata
 
     common = os.path.join(path, "common.pt")
-    if os.path.isfile(common):
-        safe_torch_load(common)
+    state = safe_torch_load(common) if os.path.isfile(common) else {}
     read_metadata(path)
+    return state
 
 
-def load_checkpoint(root: str, ddp_chunks, optimizer=None, scheduler=None, *, load_optim: bool = True,
-                    load_rng: bool = True, finetune: bool = False) -> Dict[str, Any]:
-    """Load the latest checkpoint under `root` into the chunks (and optimizer/scheduler/RNG).
+_LAYOUT_FLAGS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage",
+                 "use_distributed_optimizer")
 
-    Returns {"iteration", "data_state", "model_config"}; iteration is 0 and data_state None with
-    `finetune` (weights only, a new run).
-    """
+
+def layout_changes(common: Dict[str, Any], current_args) -> list:
+    """How the parallel layout of this run differs from the checkpoint's (empty if unknown or equal)."""
+    saved = common.get("args")
+    if saved is None or current_args is None:
+        return []
+    return [f"--{k.replace('_', '-')} {getattr(saved, k, None)} -> {getattr(current_args, k, None)}"
+            for k in _LAYOUT_FLAGS if getattr(saved, k, None) != getattr(current_args, k, None)]
+
+
+def check_resume_layout(root: str, current_args, load_optim: bool) -> list:
+    """Refuse to load optimizer state into another layout (it does not reshard), with the fix in the message."""
     iteration = latest_iteration(root)
     if iteration is None:
         raise FileNotFoundError(f"--load {root}: no {TRACKER} (not a checkpoint directory, or never saved)")
     path = iteration_dir(root, iteration)
-    _check_pickles_are_safe(path)
+    changes = layout_changes(_check_pickles_are_safe(path), current_args)
+    if changes and load_optim:
+        raise ValueError(f"--load {path}: the parallel layout changed ({', '.join(changes)}). Model weights reshard, "
+                         "the optimizer state does not: add --no-load-optim (or --finetune) to continue with the "
+                         "weights and a fresh optimizer")
+    return changes
+
+
+def load_checkpoint(root: str, ddp_chunks, optimizer=None, scheduler=None, *, load_optim: bool = True,
+                    load_rng: bool = True, finetune: bool = False, args=None) -> Dict[str, Any]:
+    """Load the latest checkpoint under `root` into the chunks (and optimizer/scheduler/RNG).
+
+    Returns {"iteration", "data_state", "model_config"}; iteration is 0 and data_state None with
+    `finetune` (weights only, a new run). `args` (this run's) detects a changed parallel layout,
+    across which the optimizer state cannot be loaded.
+    """
+    with_optim = optimizer is not None and load_optim and not finetune
+    changes = check_resume_layout(root, args, with_optim)  # also: no checkpoint, unsafe pickles
+    path = iteration_dir(root, latest_iteration(root))
+    # RNG states are saved per (PP, TP) rank: they only apply to the same layout.
+    load_rng = load_rng and not changes
     chunks = _unwrap(ddp_chunks)
     template = _model_sharded_state(chunks)
-    with_optim = optimizer is not None and load_optim and not finetune
     if with_optim:
         template["optimizer"] = optimizer.sharded_state_dict(template, is_loading=True)
     if load_rng and not finetune:
@@ -162,7 +191,7 @@ def load_checkpoint(root: str, ddp_chunks, optimizer=None, scheduler=None, *, lo
             raise ValueError(f"{path}: model keys do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if with_optim:
         optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and not finetune and state.get("opt_param_scheduler"):
+    if scheduler is not None and with_optim and state.get("opt_param_scheduler"):  # as Megatron-LM's --no-load-optim
         scheduler.load_state_dict(state["opt_param_scheduler"])
     if load_rng and not finetune:
         rng = state["rng_state"]

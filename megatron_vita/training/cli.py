@@ -38,6 +38,11 @@ def build_config(args: argparse.Namespace) -> train_config.TrainConfig:
             raise FileNotFoundError(f"{flag} {path} is not a directory")
     if cfg.finetune and not cfg.load:
         raise ValueError("--finetune needs --load")
+    if cfg.load:
+        from megatron_vita.training.checkpointing import check_resume_layout
+
+        check_resume_layout(cfg.load, train_config.to_namespace(cfg),
+                            load_optim=not (cfg.no_load_optim or cfg.finetune))
     return cfg
 
 

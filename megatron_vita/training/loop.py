@@ -119,7 +119,7 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
         if cfg.load:
             loaded = checkpointing.load_checkpoint(cfg.load, ddp, optimizer, scheduler,
                                                    load_optim=not cfg.no_load_optim, load_rng=not cfg.no_load_rng,
-                                                   finetune=cfg.finetune)
+                                                   finetune=cfg.finetune, args=to_namespace(cfg))
             start, data_state = loaded["iteration"], loaded["data_state"]
             if cfg.finetune or cfg.no_load_optim:
                 optimizer.reload_model_params()
