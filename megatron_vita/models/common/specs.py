@@ -16,6 +16,21 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 
+# megatron's own fusion switches need TransformerEngine/apex kernels; this stack swaps kernels
+# through spec leaves and mindspeed_patches instead, so both transformers start from plain ops.
+# Long-VITA trains without dropout.
+PLAIN_OPS = dict(
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    bias_activation_fusion=False,
+    bias_dropout_fusion=False,
+    masked_softmax_fusion=False,
+    apply_rope_fusion=False,
+    gradient_accumulation_fusion=False,
+    persist_layer_norm=False,
+)
+
+
 def pre_norm_layer_spec(layer_cls, attn_mask_type: AttnMaskType, core_attention, norm) -> ModuleSpec:
     """norm -> self-attention (fused QKV column-parallel, row-parallel proj) -> add -> norm -> MLP -> add."""
     return ModuleSpec(

@@ -28,7 +28,7 @@ from megatron_vita.config.parallel import ParallelConfig
 from megatron_vita.models import heads
 from megatron_vita.models.common.attention import CoreAttention
 from megatron_vita.models.common.norms import RMSNorm
-from megatron_vita.models.common.specs import pre_norm_layer_spec
+from megatron_vita.models.common.specs import PLAIN_OPS, pre_norm_layer_spec
 
 
 def language_transformer_config(
@@ -62,14 +62,7 @@ def language_transformer_config(
         gated_linear_unit=True,
         add_bias_linear=False,
         add_qkv_bias=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
+        **PLAIN_OPS,
         use_cpu_initialization=True,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,

@@ -23,7 +23,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron_vita.config.model import VisionConfig
 from megatron_vita.models.common.attention import CoreAttention
 from megatron_vita.models.common.norms import LayerNorm
-from megatron_vita.models.common.specs import pre_norm_layer_spec
+from megatron_vita.models.common.specs import PLAIN_OPS, pre_norm_layer_spec
 
 
 def _layer_scaled_bda(layer: torch.nn.Module, scale_name: str):
@@ -86,14 +86,7 @@ def vision_transformer_config(vision: VisionConfig, language_tc: TransformerConf
         gated_linear_unit=False,
         add_bias_linear=True,
         add_qkv_bias=vision.qkv_bias,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
+        **PLAIN_OPS,
         use_cpu_initialization=language_tc.use_cpu_initialization,
         params_dtype=language_tc.params_dtype,
         bf16=language_tc.bf16,
