@@ -23,7 +23,7 @@ produces in training and what `DistWriter` writes; `DistSource` reads both):
   Entries outside the model (optimizer.*, rng_state, ...) are ignored by the reader.
 
 Reading never runs a pickle's code: `.metadata` goes through an unpickler that only builds DCP's
-metadata classes, common.pt through `safe_torch_load`. Writing streams: DCP asks the planner
+metadata classes, common.pt through `load_weights_only`. Writing streams: DCP asks the planner
 for each chunk when it writes it, and the planner fetches (and caches) one full tensor at a time.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ import torch
 
 from megatron_vita.checkpoint import mapping
 from megatron_vita.checkpoint.megatron_layout import MegatronLayout, megatron_args, resolve_iteration_dir
-from megatron_vita.checkpoint.safe_load import UnsafeCheckpointError, safe_torch_load
+from megatron_vita.checkpoint.safe_load import UnsafeCheckpointError, load_weights_only
 from megatron_vita.config.model import ModelConfig
 
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
@@ -133,7 +133,7 @@ class DistSource:
                 raise ValueError(f"{cfg_json}: sharded_backend is {backend!r}; only 'torch_dist' is supported")
         self.metadata = read_metadata(self.iter_dir)
         common_path = os.path.join(self.iter_dir, COMMON)
-        self.common = safe_torch_load(common_path) if os.path.isfile(common_path) else {}
+        self.common = load_weights_only(common_path) if os.path.isfile(common_path) else {}
         self.args = self.common.get("args")
         stored = self.common.get("model_config")
         self.stored_cfg = ModelConfig.from_dict(stored) if isinstance(stored, dict) else None

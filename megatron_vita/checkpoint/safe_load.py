@@ -38,7 +38,7 @@ def _allowed() -> list:
     return allowed
 
 
-def safe_torch_load(path: str, map_location: Any = "cpu", mmap: bool = False) -> Any:
+def load_weights_only(path: str, map_location: Any = "cpu", mmap: bool = False) -> Any:
     """Load a torch checkpoint with weights_only=True plus the legacy allow-list."""
     try:
         with torch.serialization.safe_globals(_allowed()):
@@ -72,13 +72,13 @@ class MmapCache:
     def _get(self, path: str) -> Any:
         if path not in self._open:
             try:
-                self._open[path] = safe_torch_load(path, mmap=True)
+                self._open[path] = load_weights_only(path, mmap=True)
                 self._mapped.add(path)
             except RuntimeError as e:
                 if "mmap" not in str(e):
                     raise
                 # Files from torch < 1.6 (not zip) cannot be mapped: load them whole.
-                self._open[path] = safe_torch_load(path)
+                self._open[path] = load_weights_only(path)
         return self._open[path]
 
     def done_with(self, path: str, tensor: torch.Tensor) -> None:

@@ -31,7 +31,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from megatron_vita.checkpoint.dist_writer import save_in_process
-from megatron_vita.checkpoint.safe_load import safe_torch_load
+from megatron_vita.checkpoint.safe_load import load_weights_only
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -132,7 +132,7 @@ def _check_pickles_are_safe(path: str) -> Dict[str, Any]:
     from megatron_vita.checkpoint.dist_format import read_metadata
 
     common = os.path.join(path, "common.pt")
-    state = safe_torch_load(common) if os.path.isfile(common) else {}
+    state = load_weights_only(common) if os.path.isfile(common) else {}
     read_metadata(path)
     return state
 
