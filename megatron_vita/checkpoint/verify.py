@@ -19,9 +19,12 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import numpy as np
+
+if TYPE_CHECKING:  # torch is imported inside functions: `--help` stays fast
+    import torch
 
 COSINE_MIN, TOP1_MIN = 0.9999, 100.0
 _DEFAULT_LAYOUT = dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
