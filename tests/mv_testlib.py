@@ -114,3 +114,43 @@ def write_mp4(path, frames=12, fps=4):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def randomize_params(module: torch.nn.Module, seed: int) -> None:
+    """Non-degenerate values everywhere (biases, norms, layer scales), so mapping bugs show."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() == 1 and ("norm" in name or "lambda" in name or name.endswith(("ls1", "ls2"))):
+                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.08)
+
+
+def qwen2_reference(cfg, seed: int = 1):
+    """transformers' own Qwen2ForCausalLM with the shapes of cfg.language and random weights (fp32, eval)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    lm = cfg.language
+    qcfg = Qwen2Config(vocab_size=lm.vocab_size, hidden_size=lm.hidden_size, intermediate_size=lm.ffn_hidden_size,
+                       num_hidden_layers=lm.num_layers, num_attention_heads=lm.num_attention_heads,
+                       num_key_value_heads=lm.num_query_groups, rope_theta=lm.rope_theta, rms_norm_eps=lm.rms_norm_eps,
+                       max_position_embeddings=lm.max_position_embeddings, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(qcfg).eval()
+    randomize_params(model, seed)
+    return model
+
+
+def checkpoint_weights_with(hf_dir: str, *overrides: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Every tensor of the HF checkpoint at hf_dir by name, then replaced by the `overrides` dicts.
+
+    With a qwen2_reference state dict as override, the LLM part of a megatron model loaded from
+    the result (through the project's mapping, `load_hf_weights`) holds that Qwen2's weights.
+    """
+    from megatron_vita.checkpoint.hf_format import HFSource
+
+    ckpt = HFSource(hf_dir)
+    weights = {name: ckpt.read(name) for name in list(ckpt.weight_map)}
+    for extra in overrides:
+        weights.update(extra)
+    return weights

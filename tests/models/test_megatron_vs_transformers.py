@@ -10,31 +10,7 @@ All in fp32 on real gloo process groups.
 """
 import torch
 
-from mv_testlib import collate, multimodal_batch, spawn
-
-
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    """Non-degenerate values everywhere (biases, norms, layer scales), so mapping bugs show."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() == 1 and ("norm" in name or "lambda" in name or name.endswith(("ls1", "ls2"))):
-                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.08)
-
-
-def _qwen2(cfg):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    lm = cfg.language
-    qcfg = Qwen2Config(vocab_size=lm.vocab_size, hidden_size=lm.hidden_size, intermediate_size=lm.ffn_hidden_size,
-                       num_hidden_layers=lm.num_layers, num_attention_heads=lm.num_attention_heads,
-                       num_key_value_heads=lm.num_query_groups, rope_theta=lm.rope_theta, rms_norm_eps=lm.rms_norm_eps,
-                       max_position_embeddings=lm.max_position_embeddings, tie_word_embeddings=False)
-    model = Qwen2ForCausalLM(qcfg).eval()
-    _randomize(model, seed=1)
-    return model
+from mv_testlib import checkpoint_weights_with, collate, multimodal_batch, qwen2_reference, randomize_params, spawn
 
 
 def _internvl_vision(cfg):
@@ -47,7 +23,7 @@ def _internvl_vision(cfg):
         layer_norm_eps=v.layernorm_epsilon, attention_bias=True, use_qk_norm=False, use_mean_pooling=True,
         use_absolute_position_embeddings=True, norm_type="layer_norm", hidden_act="gelu")
     model = InternVLVisionModel(vcfg).eval()
-    _randomize(model, seed=2)
+    randomize_params(model, seed=2)
     return model
 
 
@@ -86,10 +62,8 @@ def _compare_rank(rank, world, hf_dir):
 
     cfg = ModelConfig.from_hf_dir(hf_dir)
     ckpt = HFSource(hf_dir)
-    qwen2, vit = _qwen2(cfg), _internvl_vision(cfg)
-    source = {name: ckpt.read(name) for name in list(ckpt.weight_map)}
-    source.update({k: v for k, v in qwen2.state_dict().items()})
-    source.update(_internvl_to_long_vita_names(vit.state_dict()))
+    qwen2, vit = qwen2_reference(cfg), _internvl_vision(cfg)
+    source = checkpoint_weights_with(hf_dir, qwen2.state_dict(), _internvl_to_long_vita_names(vit.state_dict()))
     hf_long_vita = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     report = {}
     for tp in (1, 2):
