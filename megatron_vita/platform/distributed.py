@@ -5,9 +5,16 @@ N local ranks itself (torch.multiprocessing, spawn context) and returns each ran
 `spawn` is what `megatron-vita verify` uses when not under torchrun, and what the multi-process
 tests use: a rank that fails or a collective that hangs past `timeout` fails the whole call
 with every rank's traceback, instead of hanging a terminal or CI.
+
+Results cross the process boundary as plain bytes (`torch.save` in the rank, `torch.load` on
+the CPU in the launcher), never as tensors on the multiprocessing queue: torch's queue pickler
+shares a tensor's storage through a file descriptor that the sending process serves, so a rank
+that exits before the launcher unpickles its result made the launcher fail with
+`FileNotFoundError` (seen: 1 `verify` in 4 at TP2 PP2).
 """
 from __future__ import annotations
 
+import io
 import os
 import queue as queue_mod
 import signal
@@ -67,7 +74,8 @@ def _worker(rank, world_size, port, backend, threads, fn, args, queue):
     torch.set_num_threads(threads)
     try:
         init_distributed(activate(backend), timeout_minutes=10)
-        result = fn(rank, world_size, *args)
+        # Serialised here, so that a result torch.save cannot write is this rank's reported error.
+        result = _to_bytes(fn(rank, world_size, *args))
         dist.barrier()
         queue.put((rank, "ok", result))
     except BaseException:  # report everything, including KeyboardInterrupt in a child
@@ -75,6 +83,18 @@ def _worker(rank, world_size, port, backend, threads, fn, args, queue):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _to_bytes(result: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(result, buf)
+    return buf.getvalue()
+
+
+def _from_bytes(data: bytes) -> Any:
+    # Written by this launcher's own ranks (as trusted as the pickles the queue itself carries);
+    # tensors land on the CPU so that the launcher never initialises an accelerator.
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
 
 
 class DistributedRunError(RuntimeError):
@@ -85,7 +105,8 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 
           backend: Optional[str] = None, threads: int = 1) -> List[Any]:
     """Run `fn(rank, world_size, *args)` on `world_size` local ranks; return results by rank.
 
-    `fn` and `args` must be picklable (module-level function). Raises DistributedRunError with
+    `fn` and `args` must be picklable (module-level function); results must be savable by
+    `torch.save`, and their tensors come back on the CPU. Raises DistributedRunError with
     every failing rank's traceback, or when `timeout` seconds pass (all ranks are killed).
     """
     import torch.multiprocessing as mp
@@ -119,7 +140,10 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 
                         errors[r] = f"process exited with code {procs[r].exitcode} without a report"
                     break
                 continue
-            (results if status == "ok" else errors)[rank] = payload
+            if status == "ok":
+                results[rank] = _from_bytes(payload)
+            else:
+                errors[rank] = payload
             if errors:
                 # Peers of a failed rank usually block in a collective: collect what else
                 # arrives shortly, then stop waiting.

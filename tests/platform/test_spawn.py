@@ -62,6 +62,46 @@ def test_hung_rank_fails_within_the_timeout():
     assert "ranks finished: []" in str(e.value)  # rank 0 returned but never got past the barrier
 
 
+# A rank's result used to travel as tensors on the multiprocessing queue, which torch shares by
+# file descriptor, served by the rank itself: a rank exiting before the launcher had unpickled
+# every tensor made spawn raise FileNotFoundError. Many tensors per result widen that window (on
+# the old code 3 of 3 runs of this test's spawns failed; with 1 tensor per result, 0 of 5).
+RESULT_TENSORS, RESULT_RUNS = 200, 3
+
+
+def _many_tensors(rank, world_size, n):
+    import torch
+
+    return {"rank": rank, "tensors": [torch.full((3,), float(rank * n + i)) for i in range(n)],
+            "bf16": torch.arange(4, dtype=torch.bfloat16)}
+
+
+@pytest.mark.timeout(120 * RESULT_RUNS)
+def test_tensor_results_survive_ranks_that_exit_at_once():
+    import torch
+
+    for _ in range(RESULT_RUNS):
+        results = spawn(_many_tensors, 2, RESULT_TENSORS, timeout=120)
+        for rank, res in enumerate(results):
+            assert res["rank"] == rank and len(res["tensors"]) == RESULT_TENSORS
+            assert torch.equal(torch.stack(res["tensors"])[:, 0],
+                               torch.arange(RESULT_TENSORS, dtype=torch.float32) + rank * RESULT_TENSORS)
+            assert res["bf16"].dtype == torch.bfloat16 and res["bf16"].tolist() == [0, 1, 2, 3]
+
+
+def _unsavable_result(rank, world_size):
+    import threading
+
+    return threading.Lock()  # neither torch.save nor pickle can write a lock
+
+
+@pytest.mark.timeout(120)
+def test_a_result_that_cannot_be_sent_is_the_ranks_error():
+    with pytest.raises(DistributedRunError) as e:
+        spawn(_unsavable_result, 1, timeout=60)
+    assert "--- rank 0 ---" in str(e.value) and "lock" in str(e.value)
+
+
 def _platform_state_rank(rank, world_size):
     import gc
 
