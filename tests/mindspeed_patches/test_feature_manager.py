@@ -171,10 +171,44 @@ def test_apply_for_npu_reads_sys_argv_without_args(toy_target, clean_adaptor, mo
     assert toy_target.core.compute(0) == 4
 
 
-def test_apply_for_npu_with_the_shipped_feature_list(clean_adaptor):
+def test_shipped_features_are_valid_off_by_default_and_fit_the_train_command(clean_adaptor):
+    from megatron_vita.training import cli as train_cli
+
+    manager = FeatureManager(FEATURES)  # Feature subclasses, well-formed and unique flags
+    defaults = manager.parse([])
+    assert not any(f.is_enabled(defaults) for f in manager.features)
+    # On NPU the feature flags arrive on the train command's own command line: none may clash with its flags.
+    parser = argparse.ArgumentParser(prog="train")
+    train_cli.add_arguments(parser)
+    mindspeed_patches.add_arguments(parser)
+    # Without feature flags nothing is enabled, registered or patched.
     assert mindspeed_patches.apply_for_npu(argparse.Namespace(), use_mindspeed=False) == []
     assert mindspeed_patches.REGISTRY.registered() == []
-    assert mindspeed_patches.features.FEATURES is FEATURES
+
+
+@pytest.fixture
+def shipped_toy_features():
+    """The toy features appended to the shipped list in place (as a new NPU feature would be), then removed."""
+    shipped = mindspeed_patches.FEATURES
+    saved = list(shipped)
+    shipped.extend(TOY_FEATURES)
+    yield
+    shipped[:] = saved
+
+
+def test_shipped_feature_list_is_what_the_adaptor_runs(toy_target, clean_adaptor, shipped_toy_features, monkeypatch):
+    # add_arguments without `features` offers the shipped features' flags ...
+    parser = argparse.ArgumentParser()
+    mindspeed_patches.add_arguments(parser)
+    assert parser.parse_args(["--toy-scale", "--toy-scale-factor", "3"]).toy_scale_factor == 3
+    # ... and apply_for_npu without `features` (as platform.activate("npu") calls it) validates them,
+    with pytest.raises(FeatureArgumentError, match="--toy-shift requires --toy-scale"):
+        mindspeed_patches.apply_for_npu(argparse.Namespace(toy_shift=True), use_mindspeed=False)
+    assert not mindspeed_patches.is_applied() and toy_target.core.compute(1) == 2
+    # applies the enabled ones, here from sys.argv as under torchrun.
+    monkeypatch.setattr(sys, "argv", ["pretrain_vita.py", "--toy-scale", "--toy-scale-factor", "3", "--toy-shift"])
+    assert mindspeed_patches.apply_for_npu(use_mindspeed=False) == ["toy-scale", "toy-shift"]
+    assert toy_target.core.compute(1) == (1 + 1) * 3 + 100
 
 
 def test_apply_for_npu_strict_version_mismatch_applies_nothing(toy_target, clean_adaptor, monkeypatch):
