@@ -10,7 +10,7 @@ import argparse
 import importlib
 import os
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -30,6 +30,18 @@ def _backend_parent() -> argparse.ArgumentParser:
     return p
 
 
+def _add_backend_to_subcommands(parser: argparse.ArgumentParser) -> None:
+    """Give every nested subcommand (`data inspect`, ...) the --backend flag too, so it may follow
+    any word of the command line; its value is read before parsing (see main)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if "--backend" not in sub._option_string_actions:
+                    sub.add_argument("--backend", choices=["auto", "cpu", "cuda", "npu"], default=argparse.SUPPRESS,
+                                     help="hardware backend (as before the command)")
+                _add_backend_to_subcommands(sub)
+
+
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     parent = _backend_parent()
     parser = argparse.ArgumentParser(
@@ -41,6 +53,7 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text, description=help_text, parents=[parent])
         if name == command:
             importlib.import_module(module).add_arguments(sp)
+            _add_backend_to_subcommands(sp)
     return parser
 
 
@@ -71,17 +84,28 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     args.backend = os.environ.get(ENV_VAR, "auto")
     module = importlib.import_module(COMMANDS[args.command][0])
+    return run_command(args.command, module.run, args)
+
+
+def run_command(name: str, run: Callable[[argparse.Namespace], Optional[int]], args: argparse.Namespace) -> int:
+    """`run(args)` with expected failures as `megatron-vita NAME: error: ...` lines instead of a traceback.
+
+    An error carrying several `problems` (a configuration checked as a whole) prints one line
+    each. Under torchrun only each node's first process prints (the others found the same).
+    """
     try:
-        return int(module.run(args) or 0)
+        return int(run(args) or 0)
     except KeyboardInterrupt:
         print("megatron-vita: interrupted", file=sys.stderr)
         return 130
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
-        # Expected failures (bad path, bad flag value, bad checkpoint) print one clear line;
-        # MEGATRON_VITA_DEBUG=1 shows the traceback.
+        # Expected failures (bad path, bad flag value, bad checkpoint); MEGATRON_VITA_DEBUG=1
+        # shows the traceback.
         if os.environ.get("MEGATRON_VITA_DEBUG"):
             raise
-        print(f"megatron-vita {args.command}: error: {e}", file=sys.stderr)
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            for line in getattr(e, "problems", None) or [str(e)]:
+                print(f"megatron-vita {name}: error: {line}", file=sys.stderr)
         return 1
 
 

@@ -45,8 +45,9 @@ def train_stage(stage: int, data: str, save: str, backend: str, **flags) -> List
     metrics = os.path.join(save, "metrics.jsonl")
     if os.path.exists(metrics):
         os.remove(metrics)
+    # The demo owns its output folder: a rerun saves over its previous checkpoints.
     cfg = build_config(_train_args(recipe=RECIPE, data_root=data, stage=stage, save=save, metrics_file=metrics,
-                                   **flags))
+                                   override_save=True, **flags))
     platform.spawn(rank_main, cfg.world_size, cfg, timeout=math.inf, backend=backend)
     with open(metrics, encoding="utf-8") as f:
         return [json.loads(line) for line in f]

@@ -1,7 +1,8 @@
 """Parallel layout: how a model is split over devices (Megatron's TP / PP / VPP / CP / SP / DP).
 
 Owns validation of a layout against a model config and a world size, with messages that name
-the Megatron flag at fault, so a bad launch fails before any process group is built.
+the Megatron flag at fault, so a bad launch fails before any process group is built. Every
+problem is reported at once (ConfigError: one line each, printed one per line by the CLI).
 """
 from __future__ import annotations
 
@@ -9,6 +10,17 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from megatron_vita.config.model import ModelConfig
+
+
+class ConfigError(ValueError):
+    """Several configuration problems at once: `problems` holds one line each, naming the flag or file."""
+
+    def __init__(self, problems: List[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+    def __reduce__(self):
+        return (ConfigError, (self.problems,))
 
 
 @dataclass
@@ -62,17 +74,19 @@ class ParallelConfig:
         first, last = self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage
         if first is None and last is None:
             if num_layers % stages:
-                raise ValueError(f"{num_layers} layers do not split evenly into {stages} pipeline chunks; "
-                                 "set --decoder-first-pipeline-num-layers/--decoder-last-pipeline-num-layers")
+                raise ValueError(f"--pipeline-model-parallel-size {self.pp}: {num_layers} layers do not split evenly "
+                                 f"into {stages} pipeline chunks (PP={self.pp} x VPP={self.vpp or 1}); set "
+                                 "--decoder-first-pipeline-num-layers/--decoder-last-pipeline-num-layers")
             sizes = [num_layers // stages] * stages
         else:
             if self.vpp:
-                raise ValueError("uneven pipeline stages cannot be combined with a virtual pipeline here")
+                raise ValueError("--decoder-first/last-pipeline-num-layers (uneven pipeline stages) cannot be combined "
+                                 "with a virtual pipeline here")
             middle = self.pp - (first is not None) - (last is not None)
             rest = num_layers - (first or 0) - (last or 0)
             if middle < 0 or rest < 0 or (middle and rest % middle) or (not middle and rest):
-                raise ValueError(f"cannot place {num_layers} layers on {self.pp} stages with first={first} "
-                                 f"last={last}")
+                raise ValueError(f"--decoder-first-pipeline-num-layers {first} / --decoder-last-pipeline-num-layers "
+                                 f"{last}: cannot place {num_layers} layers on {self.pp} pipeline stages")
             each = rest // middle if middle else 0
             sizes = [each] * self.pp
             if first is not None:
@@ -85,7 +99,8 @@ class ParallelConfig:
             start += n
         return out
 
-    def validate(self, model: ModelConfig, world_size: Optional[int] = None) -> "ParallelConfig":
+    def problems(self, model: ModelConfig, world_size: Optional[int] = None) -> List[str]:
+        """Every way this layout does not fit the model or the world size, one line each naming the flag."""
         lm, vis = model.language, model.vision
         errs = []
         for flag, val in [("--tensor-model-parallel-size", self.tp), ("--pipeline-model-parallel-size", self.pp),
@@ -93,7 +108,7 @@ class ParallelConfig:
             if val < 1:
                 errs.append(f"{flag} must be >= 1 (got {val})")
         if errs:
-            raise ValueError("invalid parallel layout:\n  " + "\n  ".join(errs))
+            return errs
         if lm.num_attention_heads % self.tp:
             errs.append(f"--tensor-model-parallel-size {self.tp} does not divide the LLM's "
                         f"{lm.num_attention_heads} attention heads")
@@ -107,23 +122,32 @@ class ParallelConfig:
             errs.append(f"--tensor-model-parallel-size {self.tp} does not divide an MLP width")
         if self.sequence_parallel and self.tp == 1:
             errs.append("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        vpp_ok = True
         if self.vpp is not None:
             if self.pp < 2:
                 errs.append("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+                vpp_ok = False
             if self.vpp < 1:
                 errs.append(f"virtual pipeline size must be >= 1 (got {self.vpp})")
+                vpp_ok = False
         if self.context_parallel_algo not in ("ring", "ulysses", "hybrid"):
             errs.append(f"--context-parallel-algo {self.context_parallel_algo!r}: use ring, ulysses or hybrid")
-        if not errs:
+        if vpp_ok:
             try:
                 chunks = self.layers_per_stage(lm.num_layers)
                 if any(len(c) == 0 for c in chunks):
-                    errs.append(f"{lm.num_layers} layers leave an empty pipeline chunk over "
-                                f"PP={self.pp} x VPP={self.vpp or 1}")
+                    errs.append(f"--pipeline-model-parallel-size {self.pp}: {lm.num_layers} layers leave an empty "
+                                f"pipeline chunk over PP={self.pp} x VPP={self.vpp or 1}")
             except ValueError as e:
                 errs.append(str(e))
         if world_size is not None and world_size % self.model_parallel_size:
-            errs.append(f"world size {world_size} is not divisible by TP*PP*CP = {self.model_parallel_size}")
+            errs.append(f"world size {world_size} is not divisible by TP*PP*CP = {self.tp}*{self.pp}*{self.cp} "
+                        f"(--tensor-model-parallel-size, --pipeline-model-parallel-size, --context-parallel-size)")
+        return errs
+
+    def validate(self, model: ModelConfig, world_size: Optional[int] = None) -> "ParallelConfig":
+        """Raise one ConfigError listing every problem (one line each), or return self."""
+        errs = self.problems(model, world_size)
         if errs:
-            raise ValueError("invalid parallel layout:\n  " + "\n  ".join(errs))
+            raise ConfigError(errs)
         return self

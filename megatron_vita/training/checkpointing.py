@@ -6,11 +6,15 @@
 The state holds `model` (`model0`, `model1`, ... per virtual-pipeline chunk, as Megatron-LM),
 `optimizer` (megatron's sharded optimizer state; the distributed optimizer in the
 fully-sharded model space), `opt_param_scheduler`, `rng_state` (per TP/PP rank), `iteration`,
-`args`, `model_config` and `data_state` (the loader's resume state, the same on every DP rank).
+`consumed_samples`, `args`, `model_config` and `data_state` (the loader's resume state, the
+same on every DP rank).
 
 Saving is atomic: ranks write into `SAVE/.iter_0000100.partial`, rank 0 renames it into place
 after every rank finished, and updates `latest_checkpointed_iteration.txt` last (via a rename),
 so an interrupted save never looks like a checkpoint and `latest` always names a complete one.
+An iteration damaged afterwards (a `.distcp` or `common.pt` lost or cut short in a copy) is
+found before loading, from the files its DCP `.metadata` names; an earlier complete iteration is
+loaded only when asked for by number (`--load-iteration`, Megatron-LM's `--ckpt-step`).
 
 Model weights reshard on load (dist checkpointing): a checkpoint saved at one TP/PP loads at
 another. Optimizer state (megatron-core 0.12.1 keeps its parameter groups per rank) loads only
@@ -21,8 +25,10 @@ optimizer and LR schedule (as Megatron-LM's flag does).
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import shutil
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from megatron.core import dist_checkpointing
@@ -34,6 +40,7 @@ from megatron_vita.checkpoint.dist_writer import save_in_process
 from megatron_vita.checkpoint.safe_load import load_weights_only
 
 TRACKER = "latest_checkpointed_iteration.txt"
+_ITER_DIR = re.compile(r"iter_(\d{7})")
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -41,16 +48,81 @@ def iteration_dir(root: str, iteration: int) -> str:
 
 
 def latest_iteration(root: str) -> Optional[int]:
+    """The iteration latest_checkpointed_iteration.txt names (None without one); its directory may be incomplete."""
     path = os.path.join(root, TRACKER)
     if not os.path.isfile(path):
         return None
     text = open(path, encoding="utf-8").read().strip()
     if not text.isdigit():
         raise ValueError(f"{path}: expected an iteration number, found {text[:40]!r}")
-    it = int(text)
-    if not os.path.isdir(iteration_dir(root, it)):
-        raise FileNotFoundError(f"{path} names iteration {it} but {iteration_dir(root, it)} does not exist")
-    return it
+    return int(text)
+
+
+def saved_iterations(root: str) -> List[int]:
+    """Iterations with an iter_XXXXXXX directory under `root` (complete or not), ascending."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(m.group(1)) for m in map(_ITER_DIR.fullmatch, os.listdir(root))
+                  if m and os.path.isdir(os.path.join(root, m.group(0))))
+
+
+def missing_files(path: str) -> List[str]:
+    """What a saved iteration lacks: megatron's own files, and every file its DCP metadata names
+    (absent, or shorter than the data the metadata places in it). Empty when complete."""
+    from megatron_vita.checkpoint.dist_format import read_metadata
+
+    if not os.path.isdir(path):
+        return [f"{os.path.basename(path)}/ (no such directory)"]
+    missing = [name for name in ("common.pt", "metadata.json", ".metadata")
+               if not os.path.isfile(os.path.join(path, name))]
+    if ".metadata" in missing:
+        return missing
+    try:
+        metadata = read_metadata(path)  # restricted unpickler: refuses a pickle that would run code
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
+        return missing + [f".metadata (unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__})"]
+    ends: Dict[str, int] = {}
+    for info in getattr(metadata, "storage_data", {}).values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            missing.append(name)
+        elif os.path.getsize(file) < end:
+            missing.append(f"{name} (truncated: {os.path.getsize(file)} of {end} bytes)")
+    return missing
+
+
+def resolve_iteration(root: str, requested: Optional[int] = None) -> int:
+    """The complete iteration `--load root` loads: `requested` (--load-iteration) or the tracker's.
+
+    Refuses, naming the missing files and the complete iterations there are, when that one is
+    incomplete; an earlier complete iteration is loaded only when asked for by number.
+    """
+    def complete_ones(below: Optional[int] = None) -> List[int]:
+        return [it for it in saved_iterations(root) if (below is None or it < below) and not missing_files(
+            iteration_dir(root, it))]
+
+    if requested is not None:
+        missing = missing_files(iteration_dir(root, requested))
+        if missing:
+            others = complete_ones()
+            raise FileNotFoundError(f"--load {root} --load-iteration {requested}: incomplete, missing "
+                                    f"{', '.join(missing)}; complete iterations there: {others or 'none'}")
+        return requested
+    latest = latest_iteration(root)
+    if latest is None:
+        others = complete_ones()
+        hint = f" (iterations there: {others}; pick one with --load-iteration)" if others else ""
+        raise FileNotFoundError(f"--load {root}: no {TRACKER} (not a checkpoint directory, or never saved){hint}")
+    missing = missing_files(iteration_dir(root, latest))
+    if missing:
+        earlier = complete_ones(below=latest)
+        advice = (f"the latest complete one is iteration {earlier[-1]}: add --load-iteration {earlier[-1]} to resume "
+                  "from it" if earlier else "no earlier complete iteration exists")
+        raise FileNotFoundError(f"--load {root}: iteration {latest} (named by {TRACKER}) is incomplete, missing "
+                                f"{', '.join(missing)}; {advice}")
+    return latest
 
 
 def _model_keys(n_chunks: int):
@@ -85,8 +157,8 @@ def _unwrap(chunks):
 
 
 def save_checkpoint(root: str, iteration: int, ddp_chunks, optimizer, scheduler, *, args, model_config,
-                    data_state: Optional[dict]) -> str:
-    """Write iteration `iteration` under `root` (all ranks call this)."""
+                    data_state: Optional[dict], consumed_samples: int = 0) -> str:
+    """Write iteration `iteration` under `root` (all ranks call this); `consumed_samples` so far, as Megatron-LM."""
     final = iteration_dir(root, iteration)
     partial = os.path.join(root, f".iter_{iteration:07d}.partial")
     rank0 = torch.distributed.get_rank() == 0
@@ -106,6 +178,7 @@ def save_checkpoint(root: str, iteration: int, ddp_chunks, optimizer, scheduler,
         opt_param_scheduler=scheduler.state_dict() if scheduler is not None else None,
         rng_state=_rng_object(_rng_state()),
         iteration=iteration,
+        consumed_samples=int(consumed_samples),
         checkpoint_version=3.0,
         args=args,
         model_config=model_config.to_dict(),
@@ -150,12 +223,10 @@ def layout_changes(common: Dict[str, Any], current_args) -> list:
             for k in _LAYOUT_FLAGS if getattr(saved, k, None) != getattr(current_args, k, None)]
 
 
-def check_resume_layout(root: str, current_args, load_optim: bool) -> list:
-    """Refuse to load optimizer state into another layout (it does not reshard), with the fix in the message."""
-    iteration = latest_iteration(root)
-    if iteration is None:
-        raise FileNotFoundError(f"--load {root}: no {TRACKER} (not a checkpoint directory, or never saved)")
-    path = iteration_dir(root, iteration)
+def check_resume_layout(root: str, current_args, load_optim: bool, iteration: Optional[int] = None) -> list:
+    """Refuse an incomplete iteration, and optimizer state into another layout (it does not reshard),
+    with the fix in the message. Returns the layout changes."""
+    path = iteration_dir(root, resolve_iteration(root, iteration))
     changes = layout_changes(_check_pickles_are_safe(path), current_args)
     if changes and load_optim:
         raise ValueError(f"--load {path}: the parallel layout changed ({', '.join(changes)}). Model weights reshard, "
@@ -165,16 +236,18 @@ def check_resume_layout(root: str, current_args, load_optim: bool) -> list:
 
 
 def load_checkpoint(root: str, ddp_chunks, optimizer=None, scheduler=None, *, load_optim: bool = True,
-                    load_rng: bool = True, finetune: bool = False, args=None) -> Dict[str, Any]:
-    """Load the latest checkpoint under `root` into the chunks (and optimizer/scheduler/RNG).
+                    load_rng: bool = True, finetune: bool = False, args=None,
+                    iteration: Optional[int] = None) -> Dict[str, Any]:
+    """Load the latest checkpoint under `root` (or `iteration`) into the chunks (and optimizer/scheduler/RNG).
 
-    Returns {"iteration", "data_state", "model_config"}; iteration is 0 and data_state None with
-    `finetune` (weights only, a new run). `args` (this run's) detects a changed parallel layout,
-    across which the optimizer state cannot be loaded.
+    Returns {"iteration", "consumed_samples", "data_state", "model_config"}; iteration and
+    consumed_samples are 0 and data_state None with `finetune` (weights only, a new run). `args`
+    (this run's) detects a changed parallel layout, across which the optimizer state cannot be loaded.
     """
     with_optim = optimizer is not None and load_optim and not finetune
-    changes = check_resume_layout(root, args, with_optim)  # also: no checkpoint, unsafe pickles
-    path = iteration_dir(root, latest_iteration(root))
+    iteration = resolve_iteration(root, iteration)
+    changes = check_resume_layout(root, args, with_optim, iteration)  # also: unsafe pickles
+    path = iteration_dir(root, iteration)
     # RNG states are saved per (PP, TP) rank: they only apply to the same layout.
     load_rng = load_rng and not changes
     chunks = _unwrap(ddp_chunks)
@@ -199,6 +272,8 @@ def load_checkpoint(root: str, ddp_chunks, optimizer=None, scheduler=None, *, lo
         get_cuda_rng_tracker().set_states(rng["tracker"])
     return {
         "iteration": 0 if finetune else int(state["iteration"]),
+        # Checkpoints written before the count was saved resume counting from 0.
+        "consumed_samples": 0 if finetune else int(state.get("consumed_samples", 0)),
         "data_state": None if finetune else state.get("data_state"),
         "model_config": state.get("model_config"),
     }

@@ -3,12 +3,16 @@
 Under torchrun (RANK/WORLD_SIZE set) every launched process trains as one rank. Otherwise the
 command spawns `--nproc-per-node` local ranks itself (default TP*PP*CP, i.e. DP=1), which is
 what the CPU demo and laptops use; a rank that fails stops the whole run with its traceback.
+Either way the whole configuration is checked first (training.preflight), so a bad flag, path
+or checkpoint is one line per problem before any rank starts, and `--export-hf` is written
+after the last save (under torchrun by rank 0, once every rank left the process group).
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
+from typing import Optional
 
 from megatron_vita.training import config as train_config
 
@@ -17,9 +21,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train_config.add_arguments(parser)
 
 
-def build_config(args: argparse.Namespace) -> train_config.TrainConfig:
-    """Recipe + stage defaults + flags -> the run's TrainConfig (validated before any process starts)."""
+def build_config(args: argparse.Namespace, world_size: Optional[int] = None) -> train_config.TrainConfig:
+    """Recipe + stage defaults + flags -> the run's TrainConfig, checked as a whole before any process starts.
+
+    `world_size` defaults to torchrun's WORLD_SIZE, else the ranks `train` spawns. Every problem
+    found is reported at once (ConfigError, one line each).
+    """
     from megatron_vita.data.recipe import load_recipe
+    from megatron_vita.training import preflight
 
     data_root = args.data_root or "."
     recipe = load_recipe(args.recipe, data_root)
@@ -30,20 +39,12 @@ def build_config(args: argparse.Namespace) -> train_config.TrainConfig:
         raise ValueError(f"no learning rate: pass --lr, set training.lr in {recipe.path}, or pick --stage 1-4")
     if cfg.min_lr is None:
         cfg.min_lr = 0.0
-    if cfg.save_interval and not cfg.save:
-        raise ValueError("--save-interval needs --save")
-    for path, flag in ((cfg.load, "--load"), (cfg.init_hf, "--init-hf"), (cfg.init_llm, "--init-llm"),
-                       (cfg.init_vit, "--init-vit")):
-        if path and not os.path.isdir(path):
-            raise FileNotFoundError(f"{flag} {path} is not a directory")
-    if cfg.finetune and not cfg.load:
-        raise ValueError("--finetune needs --load")
-    if cfg.load:
-        from megatron_vita.training.checkpointing import check_resume_layout
-
-        check_resume_layout(cfg.load, train_config.to_namespace(cfg),
-                            load_optim=not (cfg.no_load_optim or cfg.finetune))
+    preflight.check(cfg, recipe, preflight.launch_world_size(cfg) if world_size is None else world_size)
     return cfg
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,9 +52,10 @@ def run(args: argparse.Namespace) -> int:
     from megatron_vita.training.loop import rank_main, train
 
     cfg = build_config(args)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if under_torchrun():
         platform.init_distributed(platform.activate(args.backend))
         train(cfg)
+        finish_torchrun(cfg)
         return 0
     platform.spawn(rank_main, cfg.world_size, cfg, timeout=math.inf, backend=args.backend)
     if cfg.export_hf:
@@ -61,20 +63,35 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def finish_torchrun(cfg: train_config.TrainConfig) -> None:
+    """Leave the process group once every rank is done; then rank 0 alone writes the HF export.
+
+    The export runs outside any collective (it may take minutes for a large model, longer than a
+    barrier should wait); the other ranks exit and torchrun waits for rank 0.
+    """
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    dist.barrier()  # every rank returned from train(): the last save is published
+    dist.destroy_process_group()
+    if cfg.export_hf and rank == 0:
+        export_hf(cfg)
+
+
 def export_hf(cfg: train_config.TrainConfig) -> None:
     """Write the final checkpoint in the HF layout (through the checkpoint converter)."""
     from megatron_vita.checkpoint.convert import convert
 
-    if not cfg.save:
-        raise ValueError("--export-hf needs --save (the HF export is converted from the saved checkpoint)")
     convert(src_format="megatron", dst_format="hf", src=cfg.save, dst=cfg.export_hf, force=True,
             tokenizer=cfg.tokenizer)
+    print(f"> HF export: {cfg.export_hf}", flush=True)
 
 
 def main_torchrun(argv=None) -> int:
-    """Entry for examples/pretrain_vita.py under torchrun (Megatron-LM's pretrain_*.py habit)."""
-    parser = argparse.ArgumentParser(description="Long-VITA training (torchrun entry)")
-    parser.add_argument("--backend", choices=["auto", "cpu", "cuda", "npu"], default=None)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return run(args)
+    """Entry for examples/pretrain_vita.py under torchrun (Megatron-LM's pretrain_*.py habit):
+    `megatron-vita train` with the same flags, backend selection and error lines."""
+    import sys
+
+    from megatron_vita.cli import main
+
+    return main(["train", *(sys.argv[1:] if argv is None else argv)])

@@ -63,6 +63,8 @@ class TrainConfig:
     # Checkpoints
     save: Optional[str] = None
     load: Optional[str] = None
+    load_iteration: Optional[int] = None  # default: the iteration latest_checkpointed_iteration.txt names
+    override_save: bool = False
     save_interval: Optional[int] = None
     finetune: bool = False
     no_load_optim: bool = False
@@ -119,16 +121,25 @@ HELP: Dict[str, str] = {
     "vision_lr_mult": "ViT learning-rate multiplier (stage 2: 0.1)",
     "vision_layer_decay": "ViT layer-wise LR decay d: layer l gets d^(L+1-l) (stage 2: 0.9)",
     "no_logits_mask": "compute full logits in training instead of the logits-masked head",
-    "save": "checkpoint directory (iter_XXXXXXX/ + latest_checkpointed_iteration.txt)",
-    "load": "resume from this checkpoint directory (model, optimizer, scheduler, RNG, data order)",
+    "save": "checkpoint directory (iter_XXXXXXX/ + latest_checkpointed_iteration.txt); one that already holds "
+            "another run's checkpoints needs --load on it (to continue) or --override-save",
+    "load": "resume from this checkpoint directory (model, optimizer, scheduler, RNG, data order, consumed samples)",
+    "load_iteration": "with --load: the iteration to load (default: the one latest_checkpointed_iteration.txt "
+                      "names); also --ckpt-step as in Megatron-LM",
+    "override_save": "let --save write into a directory that holds another run's checkpoints (without it that is "
+                     "refused unless --load names the same directory): its iterations are replaced as this run "
+                     "saves and latest_checkpointed_iteration.txt then names this run's",
     "finetune": "with --load: take only the model weights and start at iteration 0",
-    "export_hf": "after training, write the model in the HF layout to this directory",
+    "export_hf": "after the last save, write the model in the HF layout to this directory (needs --save; under "
+                 "torchrun rank 0 writes it after every rank finished)",
     "metrics_file": "JSON lines, one per iteration (loss, lr, grad norm, samples)",
     "loss_curve": "PNG of the loss curve written at the end (default: <save>/loss_curve.png)",
     "num_workers": "DataLoader workers per rank",
     "nproc_per_node": "ranks to spawn when not launched by torchrun (default: TP*PP*CP)",
 }
 
+# Other spellings of a flag (Megatron-LM's names).
+ALIASES: Dict[str, List[str]] = {"load_iteration": ["--ckpt-step"]}
 BOOL_FLAGS = {f.name for f in fields(TrainConfig) if f.type in ("bool", "Optional[bool]")}
 STAGE_OWNED = {"lr", "min_lr", "vision_lr_mult", "vision_layer_decay", "freeze_vision", "freeze_projector",
                "freeze_language"}
@@ -144,10 +155,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "Optional[str]": str}
     for f in fields(TrainConfig):
         help_text = HELP.get(f.name, "")
+        names = [_flag(f.name), *ALIASES.get(f.name, [])]
         if f.name in BOOL_FLAGS:
-            parser.add_argument(_flag(f.name), dest=f.name, action="store_true", default=None, help=help_text)
+            parser.add_argument(*names, dest=f.name, action="store_true", default=None, help=help_text)
         else:
-            parser.add_argument(_flag(f.name), dest=f.name, type=types[f.type], default=None,
+            parser.add_argument(*names, dest=f.name, type=types[f.type], default=None,
                                 required=f.name == "recipe", help=help_text or None)
 
 

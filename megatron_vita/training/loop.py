@@ -1,10 +1,11 @@
 """The training run of one rank: build, initialise, resume, iterate, log, save.
 
 Order matters for exact resume: model -> initial weights (HF or random) -> stage freezing ->
-DDP -> optimizer -> scheduler -> `--load` (model, optimizer, scheduler, RNG, data state) ->
-loader built from the saved data state. Every iteration then consumes exactly the micro-batches
-an uninterrupted run would have (the loader's state is global, not per worker), so losses after
-a resume equal those of a run that never stopped.
+DDP -> optimizer -> scheduler -> `--load` (model, optimizer, scheduler, RNG, data state, consumed
+samples) -> loader built from the saved data state. Every iteration then consumes exactly the
+micro-batches an uninterrupted run would have (the loader's state is global, not per worker), so
+losses after a resume equal those of a run that never stopped, and the consumed-samples count
+continues from the checkpoint's, as in Megatron-LM.
 """
 from __future__ import annotations
 
@@ -36,20 +37,19 @@ def resolve_model(cfg: TrainConfig, recipe, tokenizer) -> ModelConfig:
 
 
 def _layout(cfg: TrainConfig, model: ModelConfig, world: int) -> ParallelConfig:
-    par = cfg.parallel
-    if cfg.num_layers_per_virtual_pipeline_stage:
-        per_rank = model.language.num_layers // par.pp
-        if per_rank % cfg.num_layers_per_virtual_pipeline_stage:
-            raise ValueError(f"--num-layers-per-virtual-pipeline-stage {cfg.num_layers_per_virtual_pipeline_stage} "
-                             f"does not divide the {per_rank} layers per pipeline stage")
-        par.virtual_pipeline_model_parallel_size = per_rank // cfg.num_layers_per_virtual_pipeline_stage
-    return par.validate(model, world)
+    from megatron_vita.config.parallel import ConfigError
+    from megatron_vita.training.preflight import training_layout
+
+    par, problems = training_layout(cfg, model, world)  # checked before launch too; guards direct callers
+    if problems:
+        raise ConfigError(problems)
+    return par
 
 
 def _micro_batches_per_step(cfg: TrainConfig, dp: int) -> int:
     per_step = cfg.micro_batch_size * dp
-    if cfg.global_batch_size % per_step:
-        raise ValueError(f"--global-batch-size {cfg.global_batch_size} is not a multiple of "
+    if cfg.global_batch_size < 1 or cfg.global_batch_size % per_step:
+        raise ValueError(f"--global-batch-size {cfg.global_batch_size} is not a positive multiple of "
                          f"--micro-batch-size {cfg.micro_batch_size} x data-parallel size {dp}")
     return cfg.global_batch_size // per_step
 
@@ -106,7 +106,7 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
     plat = platform.current()
     world = torch.distributed.get_world_size()
     recipe = load_recipe(cfg.recipe, cfg.data_root)
-    if cfg.seq_length:
+    if cfg.seq_length is not None:
         recipe.seq_length = cfg.seq_length
     tokenizer = load_tokenizer(cfg.tokenizer or recipe.resolve(cfg.data_root, recipe.tokenizer or "tokenizer"))
     model_config = resolve_model(cfg, recipe, tokenizer)
@@ -115,19 +115,20 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
     n_micro = _micro_batches_per_step(cfg, info.dp_size)
     try:
         ddp, optimizer, scheduler = setup_model_and_optimizer(cfg, model_config, par)
-        start, data_state = 0, None
+        start, consumed, data_state = 0, 0, None
         if cfg.load:
             loaded = checkpointing.load_checkpoint(cfg.load, ddp, optimizer, scheduler,
                                                    load_optim=not cfg.no_load_optim, load_rng=not cfg.no_load_rng,
-                                                   finetune=cfg.finetune, args=to_namespace(cfg))
-            start, data_state = loaded["iteration"], loaded["data_state"]
+                                                   finetune=cfg.finetune, args=to_namespace(cfg),
+                                                   iteration=cfg.load_iteration)
+            start, consumed, data_state = loaded["iteration"], loaded["consumed_samples"], loaded["data_state"]
             if cfg.finetune or cfg.no_load_optim:
                 optimizer.reload_model_params()
         loader = build_train_loader(recipe, tokenizer=tokenizer, model_config=model_config, data_root=cfg.data_root,
                                     seed=cfg.seed, dp_rank=info.dp_rank, dp_size=info.dp_size,
                                     micro_batch_size=cfg.micro_batch_size, num_workers=cfg.num_workers,
                                     state=data_state)
-        log = TrainLogger(cfg, plat, start=start)
+        log = TrainLogger(cfg, plat, start=start, consumed=consumed)
         log.banner(model_config, par, info, n_micro, [m.module for m in ddp], optimizer)
         last: Dict[str, float] = {}
         for iteration in range(start + 1, cfg.train_iters + 1):
@@ -138,11 +139,12 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
             last = log.iteration(iteration, result, micro, optimizer, time.perf_counter() - t0)
             if cfg.save and cfg.save_interval and iteration % cfg.save_interval == 0 and iteration < cfg.train_iters:
                 checkpointing.save_checkpoint(cfg.save, iteration, ddp, optimizer, scheduler, args=to_namespace(cfg),
-                                              model_config=model_config, data_state=loader.state_dict())
+                                              model_config=model_config, data_state=loader.state_dict(),
+                                              consumed_samples=log.consumed)
         if cfg.save and cfg.train_iters > start:
             checkpointing.save_checkpoint(cfg.save, cfg.train_iters, ddp, optimizer, scheduler,
                                           args=to_namespace(cfg), model_config=model_config,
-                                          data_state=loader.state_dict())
+                                          data_state=loader.state_dict(), consumed_samples=log.consumed)
         log.finish(loader.stats())
         loader.close()
         return last

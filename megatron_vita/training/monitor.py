@@ -53,13 +53,13 @@ def plot_loss_curve(points: Sequence[Tuple[int, float]], path: str, title: str =
 
 
 class TrainLogger:
-    def __init__(self, cfg: TrainConfig, platform, start: int):
+    def __init__(self, cfg: TrainConfig, platform, start: int, consumed: int = 0):
         self.cfg, self.platform = cfg, platform
         self.rank = torch.distributed.get_rank()
         self.writer = self.rank == 0
         self.start = start
         self.points: List[Tuple[int, float]] = []
-        self.consumed = 0
+        self.consumed = consumed  # samples consumed before `start` (from the checkpoint when resuming)
         self.t_start = time.perf_counter()
         self.tb = None
         self.bar = None
@@ -115,8 +115,8 @@ class TrainLogger:
         self.consumed += samples
         lr = max(g["lr"] / max(g.get("lr_mult", 1.0), 1e-30) for g in optimizer.param_groups)
         mem = self.platform.memory_stats()["max_allocated"] / 2 ** 20
-        stats = {"iteration": it, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
-                 "tokens_per_s": tokens / seconds, "samples_per_s": samples / seconds, "seconds": seconds,
+        stats = {"iteration": it, "consumed_samples": self.consumed, "loss": result.loss, "lr": lr,
+                 "grad_norm": result.grad_norm, "tokens_per_s": tokens / seconds, "samples_per_s": samples / seconds, "seconds": seconds,
                  "skipped": result.skipped, "supervised_tokens": result.supervised_tokens, "max_mem_mb": mem}
         sample_ids = self._gather_samples(micro)
         if not self.writer:

@@ -69,3 +69,22 @@ def test_environment_npu_without_torch_npu(cli_runs):
 @pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU-only torch build")
 def test_backend_flag_cuda_on_cpu_only_torch(cli_runs):
     assert_one_line_refusal(cli_runs["cuda"], "CPU-only build")
+
+
+@pytest.mark.parametrize("argv", [
+    ["--backend", "cpu", "data", "inspect", "--recipe", "missing.yaml"],
+    ["data", "--backend", "cpu", "inspect", "--recipe", "missing.yaml"],
+    ["data", "inspect", "--backend", "cpu", "--recipe", "missing.yaml"],
+    ["data", "inspect", "--recipe", "missing.yaml", "--backend", "cpu"],
+])
+def test_backend_flag_anywhere_in_a_nested_command(argv, monkeypatch, capsys):
+    """README: every command takes --backend; after a subcommand (`data inspect`) too. Parsing then
+    succeeds and the command itself runs (here: refusing the missing recipe in one line)."""
+    from megatron_vita.cli import main
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # main() records the backend for child processes
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "megatron-vita data: error: recipe missing.yaml not found", err
+    assert os.environ[ENV_VAR] == "cpu"

@@ -2,8 +2,13 @@
 
 The run is the real command (`megatron-vita train`, TP=2 over gloo, checkpoints every 2
 iterations). A second, uninterrupted run gives the reference. After the resume every later
-iteration must have exactly the same loss (CPU fp32, bit for bit) and consumed exactly the same
-samples (dataset, record) as the uninterrupted run: none lost, none repeated.
+iteration must have exactly the same loss (CPU fp32, bit for bit), consumed exactly the same
+samples (dataset, record) as the uninterrupted run (none lost, none repeated), and count the
+consumed samples on from the checkpoint's count, as Megatron-LM does.
+
+Then the latest iteration loses a data file (a half-copied checkpoint): `--load` refuses before
+any rank starts, naming the file and the earlier complete iteration, which `--load-iteration`
+resumes from, again exactly.
 """
 import json
 import os
@@ -12,6 +17,8 @@ import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 ITERS = 8
 
@@ -40,6 +47,7 @@ def _lines(path):
         return 0
 
 
+@pytest.mark.timeout(1800)
 def test_kill_and_resume_is_exact(demo_data, tmp_path):
     env = {**os.environ, "MEGATRON_VITA_BACKEND": "cpu"}
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -72,6 +80,30 @@ def test_kill_and_resume_is_exact(demo_data, tmp_path):
     for it in range(1, ITERS + 1):
         assert got[it]["loss"] == reference[it]["loss"], (it, got[it]["loss"], reference[it]["loss"], killed_at)
         assert got[it]["samples"] == reference[it]["samples"], f"iteration {it}: different samples"
+        assert got[it]["consumed_samples"] == reference[it]["consumed_samples"], (it, got[it], reference[it])
     assert all(got[it]["samples"] for it in got), "metrics must record the consumed samples"
     # An interrupted save leaves only a hidden partial directory, which the next save clears.
     assert not [d for d in os.listdir(run) if d.startswith(".iter_")]
+
+    # A half-written latest iteration: refused in one line before any rank starts ...
+    last = os.path.join(run, f"iter_{ITERS:07d}")
+    lost = sorted(f for f in os.listdir(last) if f.endswith(".distcp"))[-1]
+    os.remove(os.path.join(last, lost))
+    refused = subprocess.run(_train_cmd(demo_data, run, metrics, "--load", run), cwd=repo, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines() == [
+        f"megatron-vita train: error: --load {run}: iteration {ITERS} (named by latest_checkpointed_iteration.txt) "
+        f"is incomplete, missing {lost}; the latest complete one is iteration {ITERS - 2}: add --load-iteration "
+        f"{ITERS - 2} to resume from it"], refused.stderr
+    # ... and the earlier complete one is resumed from when asked for.
+    again = run + "/again.jsonl"
+    redo = subprocess.run(_train_cmd(demo_data, run, again, "--load", run, "--load-iteration", str(ITERS - 2)),
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert redo.returncode == 0, redo.stdout[-3000:] + redo.stderr[-3000:]
+    assert f"start iteration {ITERS - 2}" in redo.stdout
+    redone = _read(again)
+    assert sorted(redone) == [ITERS - 1, ITERS]
+    for it in redone:
+        assert redone[it]["loss"] == reference[it]["loss"] and redone[it]["samples"] == reference[it]["samples"]
+        assert redone[it]["consumed_samples"] == reference[it]["consumed_samples"]

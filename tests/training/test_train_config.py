@@ -14,13 +14,14 @@ def _parse(*argv):
     return p.parse_args(list(argv))
 
 
-def _recipe(tmp_path, training: str, stage: int = 1) -> str:
+def _recipe(tmp_path, training: str, stage: int = 1, tokenizer: str = "tokenizer") -> str:
     path = tmp_path / "r.yaml"
     path.write_text(textwrap.dedent(f"""\
         name: t
         stage: {stage}
         seq_length: 256
         model: tiny
+        tokenizer: {tokenizer}
         datasets:
           - {{group: g, path: a.jsonl, ratio: 1.0}}
         training:
@@ -30,8 +31,10 @@ def _recipe(tmp_path, training: str, stage: int = 1) -> str:
     return str(path)
 
 
-def test_precedence_flag_over_recipe_over_stage(tmp_path):
-    recipe = _recipe(tmp_path, "lr: 3.0e-4\nglobal-batch-size: 16\ntensor_model_parallel_size: 2\n")
+def test_precedence_flag_over_recipe_over_stage(tmp_path, demo_data):
+    # A configuration that passes the launch checks: the demo's tokenizer matches the tiny model.
+    recipe = _recipe(tmp_path, "lr: 3.0e-4\nglobal-batch-size: 16\ntensor_model_parallel_size: 2\n",
+                     tokenizer=f"{demo_data}/tokenizer")
     cfg = build_config(_parse("--recipe", recipe, "--data-root", str(tmp_path), "--global-batch-size", "4"))
     assert cfg.global_batch_size == 4           # flag beats recipe
     assert cfg.lr == 3e-4                        # recipe beats the stage default (stage 1: 1e-3)
@@ -42,7 +45,7 @@ def test_precedence_flag_over_recipe_over_stage(tmp_path):
 
 def test_unknown_recipe_key_names_file_and_line(tmp_path):
     recipe = _recipe(tmp_path, "lr: 1.0e-4\nlearning-rate: 1.0e-4\n")
-    with pytest.raises(ValueError, match=r"r\.yaml:9: unknown training option 'learning_rate'"):
+    with pytest.raises(ValueError, match=r"r\.yaml:10: unknown training option 'learning_rate'"):
         build_config(_parse("--recipe", recipe, "--data-root", str(tmp_path)))
 
 
