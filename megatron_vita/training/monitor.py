@@ -116,8 +116,9 @@ class TrainLogger:
         lr = max(g["lr"] / max(g.get("lr_mult", 1.0), 1e-30) for g in optimizer.param_groups)
         mem = self.platform.memory_stats()["max_allocated"] / 2 ** 20
         stats = {"iteration": it, "consumed_samples": self.consumed, "loss": result.loss, "lr": lr,
-                 "grad_norm": result.grad_norm, "tokens_per_s": tokens / seconds, "samples_per_s": samples / seconds, "seconds": seconds,
-                 "skipped": result.skipped, "supervised_tokens": result.supervised_tokens, "max_mem_mb": mem}
+                 "grad_norm": result.grad_norm, "tokens_per_s": tokens / seconds, "samples_per_s": samples / seconds,
+                 "seconds": seconds, "skipped": result.skipped, "supervised_tokens": result.supervised_tokens,
+                 "max_mem_mb": mem}
         sample_ids = self._gather_samples(micro)
         if not self.writer:
             return stats
