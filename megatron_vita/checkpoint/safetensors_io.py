@@ -44,6 +44,17 @@ class TensorEntry:
         return self.end - self.begin
 
 
+def new_file_mode() -> int:
+    """The permission bits open() gives a new file in this process: 0o666 less the umask."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):  # not Linux: read it by setting it
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def read_header(path: str) -> Tuple[Dict[str, TensorEntry], Dict[str, str]]:
     """The tensors of a safetensors file (absolute offsets) and its `__metadata__`."""
     with open(path, "rb") as f:
@@ -160,7 +171,8 @@ class SafetensorsWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment
         self._base = 8 + len(raw)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        # 0o666 like open(): the umask decides, as for the config files written beside it.
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         os.pwrite(self._fd, struct.pack("<Q", len(raw)) + raw, 0)
         os.ftruncate(self._fd, self._base + offset)
         # rows still to come per tensor (a tensor may arrive in runs of rows)

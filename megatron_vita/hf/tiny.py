@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from typing import Optional, Union
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-# Files this command writes; --force replaces them and leaves anything else alone.
+# Files this command writes (with the shards); --force replaces them and leaves anything else alone.
 _OWN_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
+_SHARD = re.compile(r"^model-\d+-of-\d+\.safetensors$")
 
 
 def randomize_(model, seed: int = 0) -> None:
@@ -92,12 +94,19 @@ def create_tiny(out_dir: str, preset: str = "tiny", seed: int = 0, dtype=None,
         total = sum(p.numel() * p.element_size() for p in model.parameters())
         max_shard_size = max(total // 2, 1)
     os.makedirs(out_dir, exist_ok=True)
-    for name in ("model.safetensors", "model.safetensors.index.json"):
-        # A stale single-file or index from an earlier save would shadow the new shards.
+    for name in os.listdir(out_dir):
+        # A stale single file, index or shard from an earlier save would shadow or sit beside the new ones.
         path = os.path.join(out_dir, name)
-        if os.path.isfile(path):
+        if (name in ("model.safetensors", "model.safetensors.index.json") or _SHARD.match(name)) \
+                and os.path.isfile(path):
             os.remove(path)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    # The safetensors library creates its files 0600; give them the mode open() gives config.json.
+    from megatron_vita.checkpoint.safetensors_io import new_file_mode
+
+    for name in os.listdir(out_dir):
+        if name == "model.safetensors" or _SHARD.match(name):
+            os.chmod(os.path.join(out_dir, name), new_file_mode())
     return out_dir
 
 
