@@ -131,21 +131,25 @@ def normalize_pixels(pixels):
     return pixels.to(torch.float32).div_(255.0).sub_(mean).div_(std)
 
 
-def image_size_from_header(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Tuple[int, int]:
-    """(width, height) read from the file header only; refuses enormous or unreadable images."""
+def image_size_from_header(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, what: str = "") -> Tuple[int, int]:
+    """(width, height) read from the file header only; refuses enormous or unreadable images.
+
+    `what` names the picture in messages (default `image PATH`; video frames pass their own).
+    """
+    what = what or f"image {path}"
     try:
         with Image.open(path) as im:
             size = im.size
     except FileNotFoundError:
-        raise MediaError(f"image file not found: {path}", "missing_file") from None
+        raise MediaError(f"{what}: file not found", "missing_file") from None
     except Image.DecompressionBombError as e:
-        raise MediaError(f"image {path} is enormous: {e}", "enormous_image") from None
+        raise MediaError(f"{what} is enormous: {e}", "enormous_image") from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise MediaError(f"cannot read image {path}: {e}", "corrupt_image") from None
+        raise MediaError(f"cannot read {what}: {e}", "corrupt_image") from None
     if size[0] * size[1] > max_pixels:
-        raise MediaError(f"image {path} is enormous: {size[0]}x{size[1]} > {max_pixels} pixels", "enormous_image")
+        raise MediaError(f"{what} is enormous: {size[0]}x{size[1]} > {max_pixels} pixels", "enormous_image")
     if size[0] <= 0 or size[1] <= 0:
-        raise MediaError(f"image {path} has an empty size {size}", "corrupt_image")
+        raise MediaError(f"{what} has an empty size {size}", "corrupt_image")
     return size
 
 

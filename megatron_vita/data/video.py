@@ -2,7 +2,9 @@
 
 Owns the pixel side of a `<video>`. A video is a file (decoded with decord, the reference
 decoder; PyAV when decord is missing or cannot open the file) or a directory of frame images
-(natural sort order, treated as a video at `frame_dir_fps`).
+(natural sort order, treated as a video at `frame_dir_fps`), whose frames obey the image pixel
+limit and are decoded no larger than their tile needs. Files ffmpeg cannot open are refused
+before decord sees them, so a bad video costs one counted report, not a page of ffmpeg logs.
 
 Sampling rule (longvita.md): step = max(avg_fps / max_fps, n_frames / (max_num_frames + 1));
 indices int(i * step) for i in [0, max_num_frames), kept if < n_frames. So at most max_fps
@@ -21,7 +23,9 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from megatron_vita.data.image import MediaError, normalize_uint8, tiles_to_uint8
+from megatron_vita.data.image import (
+    DEFAULT_MAX_IMAGE_PIXELS, MediaError, image_size_from_header, normalize_uint8, tiles_to_uint8,
+)
 
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -59,12 +63,40 @@ def list_frame_files(directory: str) -> List[str]:
     return [os.path.join(directory, n) for n in sorted(names, key=_natural_key)]
 
 
+_DECORD = []
+
+
 def _decord():
+    if not _DECORD:
+        try:
+            import decord
+
+            # decord's bundled ffmpeg logs every problem of a bad file to stderr (a dozen lines per
+            # video); the loader reports each bad video once, counted, so ffmpeg stays quiet.
+            decord.logging.set_level(decord.logging.QUIET)
+        except ImportError:
+            decord = None
+        _DECORD.append(decord)
+    return _DECORD[0]
+
+
+def _ffmpeg_opens(path: str) -> Optional[str]:
+    """None if PyAV (quiet by default) opens the file and finds a video stream, else why not.
+
+    Run before decord: decord prints an unsilenceable `ERROR opening: ...` line to stderr for
+    every file ffmpeg cannot open, while PyAV logs nothing unless asked.
+    """
     try:
-        import decord
+        import av
     except ImportError:
         return None
-    return decord
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                return "no video stream"
+    except Exception as e:
+        return str(e)
+    return None
 
 
 def _open_decord(path: str):
@@ -110,6 +142,10 @@ def probe_video(path: str, frame_dir_fps: float = 1.0) -> VideoInfo:
         raise MediaError(f"video file not found: {path}", "missing_file")
     if os.path.getsize(path) == 0:
         raise MediaError(f"video {path} is an empty file (0 frames)", "zero_frame_video")
+    why = _ffmpeg_opens(path)
+    if why is not None:
+        reason = "zero_frame_video" if why == "no video stream" else "corrupt_video"
+        raise MediaError(f"cannot read video {path}: {why}", reason)
     vr = _open_decord(path)
     info = VideoInfo(len(vr), float(vr.get_avg_fps()), "decord") if vr is not None else _pyav_info(path)
     if info.num_frames <= 0:
@@ -148,20 +184,57 @@ def _read_pyav(path: str, indices: Sequence[int]) -> List[np.ndarray]:
     return [frames[i] for i in indices]
 
 
-def read_frames(path: str, indices: Sequence[int], backend: str) -> List[np.ndarray]:
-    """Decode the given frame indices as RGB uint8 arrays [H, W, 3] with the probed backend."""
+def _frame_file(files: Sequence[str], i: int, path: str) -> str:
+    if not 0 <= i < len(files):
+        raise MediaError(f"frame directory {path} has {len(files)} frames, frame {i} was planned", "corrupt_video")
+    return files[i]
+
+
+def check_frame_headers(path: str, indices: Sequence[int], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+    """Read the headers of the sampled frames of a frame directory: MediaError for an enormous,
+    missing or unreadable frame (the same `image.max_pixels` limit and reasons as images)."""
+    files = list_frame_files(path)
+    for i in indices:
+        _frame_header(_frame_file(files, i, path), max_pixels, f"frame {i} of {path}")
+
+
+def _frame_header(file: str, max_pixels: int, what: str) -> None:
+    try:
+        image_size_from_header(file, max_pixels, what=what)
+    except MediaError as e:
+        # A frame directory is a video: an unreadable frame makes it a corrupt video.
+        raise MediaError(str(e), "corrupt_video" if e.reason == "corrupt_image" else e.reason) from None
+
+
+def _decode_frame(file: str, max_pixels: int, min_size: int, what: str) -> np.ndarray:
+    """One frame file as RGB uint8, header-checked first; JPEGs decoded at a reduced scale
+    (DCT scaling, 1/2..1/8) when the frame is still at least `min_size` on both sides, since
+    a frame only ever becomes one min_size x min_size tile."""
+    _frame_header(file, max_pixels, what)
+    try:
+        with Image.open(file) as im:
+            if min_size > 0 and im.format == "JPEG":
+                im.draft("RGB", (min_size, min_size))
+            return np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError as e:
+        raise MediaError(f"{what} is enormous: {e}", "enormous_image") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise MediaError(f"cannot decode {what}: {e}", "corrupt_video") from None
+
+
+def read_frames(path: str, indices: Sequence[int], backend: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                min_size: int = 0) -> List[np.ndarray]:
+    """Decode the given frame indices as RGB uint8 arrays [H, W, 3] with the probed backend.
+
+    Frame-directory frames obey `max_pixels` like images (checked on the header, before any
+    decoding) and, with `min_size`, JPEG frames decode no larger than needed for that tile size.
+    """
     if not indices:
         return []
     if backend == "frames":
         files = list_frame_files(path)
-        out = []
-        for i in indices:
-            try:
-                with Image.open(files[i]) as im:
-                    out.append(np.asarray(im.convert("RGB")))
-            except (OSError, ValueError, SyntaxError, IndexError) as e:
-                raise MediaError(f"cannot read frame {i} of {path}: {e}", "corrupt_video") from None
-        return out
+        return [_decode_frame(_frame_file(files, i, path), max_pixels, min_size, f"frame {i} of {path}")
+                for i in indices]
     if backend == "decord":
         vr = _open_decord(path)
         if vr is not None:
@@ -180,7 +253,8 @@ def frames_to_tiles(frames: Sequence[np.ndarray], image_size: int):
 
 
 def load_video_frames(path, image_size: int, max_num_frames: int, max_fps: float = 1.0,
-                      frame_dir_fps: float = 1.0, indices: Optional[Sequence[int]] = None):
+                      frame_dir_fps: float = 1.0, indices: Optional[Sequence[int]] = None,
+                      max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
     """Sampled frames of a video file or frame directory: (float32 [n, 3, size, size], indices).
 
     Raises MediaError (a ValueError naming the file) for missing, unreadable or 0-frame videos.
@@ -191,5 +265,5 @@ def load_video_frames(path, image_size: int, max_num_frames: int, max_fps: float
     if indices is None:
         indices = sample_frame_indices(info.num_frames, info.fps, max_num_frames, max_fps)
     indices = list(indices)
-    frames = read_frames(path, indices, info.backend)
+    frames = read_frames(path, indices, info.backend, max_pixels, image_size)
     return frames_to_tiles(frames, image_size), indices

@@ -1,5 +1,6 @@
 """Video: the sampling rule by hand, and real MP4s written with PyAV then decoded with decord and with
 the PyAV fallback; frame directories; 0-frame and unreadable videos fail naming the file."""
+import io
 import os
 
 import numpy as np
@@ -88,3 +89,63 @@ def test_bad_videos_name_the_file(tmp_path):
     with pytest.raises(MediaError, match="absent.mp4") as e:
         probe_video(str(tmp_path / "absent.mp4"))
     assert e.value.reason == "missing_file"
+
+
+def _png_header_only(path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height but holds no pixel data (a giant frame, cheaply)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_frame_directories_obey_max_pixels_before_decoding(tmp_path):
+    d = tmp_path / "clip"
+    d.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((20, 20, 3), 8 * i, np.uint8)).save(d / f"{i}.png")
+    _png_header_only(d / "1.png", 12000, 12000)
+    with pytest.raises(MediaError, match=r"frame 1 of .*clip is enormous: 12000x12000 > 67108864 pixels") as e:
+        read_frames(str(d), [0, 1, 2], "frames")
+    assert e.value.reason == "enormous_image"
+    with pytest.raises(MediaError, match="frame 1 of") as e:
+        load_video_frames(str(d), 28, max_num_frames=4, max_pixels=20 * 20)
+    assert e.value.reason == "enormous_image"
+    assert len(read_frames(str(d), [0, 2], "frames", max_pixels=20 * 20)) == 2
+
+
+def test_jpeg_frames_decode_no_larger_than_their_tile(tmp_path):
+    d = tmp_path / "clip"
+    d.mkdir()
+    Image.fromarray(np.full((1200, 1600, 3), (200, 40, 40), np.uint8)).save(d / "0.jpg", quality=90)
+    Image.fromarray(np.full((120, 160, 3), (200, 40, 40), np.uint8)).save(d / "1.png")
+    big, small = read_frames(str(d), [0, 1], "frames", min_size=56)
+    assert big.shape == (150, 200, 3)  # 1/8 scale: still >= 56 on both sides, 64x fewer pixels
+    assert small.shape == (120, 160, 3)  # only JPEG has reduced-scale decoding
+    assert read_frames(str(d), [0], "frames", min_size=448)[0].shape == (600, 800, 3)
+    assert read_frames(str(d), [0], "frames")[0].shape == (1200, 1600, 3)
+    tiles, _ = load_video_frames(str(d), 56, max_num_frames=1)
+    from megatron_vita.data.image import denormalize_to_uint8
+
+    assert np.abs(denormalize_to_uint8(tiles)[0, 28, 28].astype(int) - (200, 40, 40)).max() <= 3
+
+
+def test_bad_videos_leave_stderr_quiet(tmp_path, capfd):
+    junk, png = tmp_path / "junk.mp4", tmp_path / "picture.mp4"
+    junk.write_bytes(os.urandom(4096))
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(buf, "PNG")
+    # A truncated PNG: ffmpeg reads it as a 1-frame image stream (PyAV decodes it) after decord's
+    # ffmpeg logged half a dozen lines about it.
+    png.write_bytes(buf.getvalue()[:200])
+    capfd.readouterr()
+    with pytest.raises(MediaError, match="junk.mp4") as e:
+        probe_video(str(junk))
+    assert e.value.reason == "corrupt_video"
+    assert probe_video(str(png)).backend == "pyav"
+    assert capfd.readouterr().err == ""  # C-level writes to fd 2 included
