@@ -6,7 +6,9 @@
         --tokenizer $TOKENIZER --init-hf $HF_INIT --save $SAVE [Megatron-style flags]
 
 Every flag of `megatron-vita train --help` is accepted; the recipe's `training:` section fills in
-the rest. The backend (npu / cuda / cpu) is auto-detected or set with --backend.
+the rest. The backend (npu / cuda / cpu) is auto-detected or set with --backend. Each process
+checks the whole configuration before joining the process group (a problem is one line, printed
+by each node's first process); with --export-hf, rank 0 writes the HF export after the last save.
 """
 import sys
 

@@ -112,8 +112,10 @@ def _recompute_problems(cfg: TrainConfig) -> List[str]:
         extra = [f for f, v in (("--recompute-method", method), ("--recompute-num-layers", layers)) if v is not None]
         return [f"{', '.join(extra)}: not used with --recompute-granularity selective"] if extra else []
     out = []
-    if method not in ("uniform", "block"):
-        out.append(f"--recompute-method {method}: --recompute-granularity full needs uniform or block")
+    if method is None:
+        out.append("--recompute-granularity full needs --recompute-method uniform or block")
+    elif method not in ("uniform", "block"):
+        out.append(f"--recompute-method {method!r}: expected uniform or block")
     if layers is None:
         out.append("--recompute-granularity full needs --recompute-num-layers (layers per recompute unit)")
     return out
@@ -250,6 +252,11 @@ def training_layout(cfg: TrainConfig, model_config, world_size: int) -> Tuple[Pa
         else:
             par.virtual_pipeline_model_parallel_size = per_rank // per_vchunk
     problems += par.problems(model_config, world_size)
+    layers = cfg.recompute_num_layers
+    if layers and cfg.recompute_granularity == "full" and par.pp >= 1 and \
+            layers > model_config.language.num_layers // par.pp:
+        problems.append(f"--recompute-num-layers {layers}: more than the {model_config.language.num_layers // par.pp} "
+                        "LLM layers per pipeline stage")
     if par.cp > 1:
         # The builder refuses it too; here it is refused before any rank starts.
         problems.append(f"--context-parallel-size {par.cp}: context parallelism is not implemented yet (stages 3-4 "
@@ -277,7 +284,8 @@ def _one_line(flag: str, path: str, e: BaseException) -> str:
 
 
 def init_problems(cfg: TrainConfig, model_config) -> List[str]:
-    """Open the initial weights' index and headers (no tensor data); pickled .bin files are refused."""
+    """Open the initial weights: index and safetensors headers (no tensor data), .bin files through the
+    weights-only loader (a pickle that would run code is refused); --init-hf's names and shapes checked."""
     from megatron_vita.checkpoint.hf_format import HFSource
 
     out = []
