@@ -105,6 +105,7 @@ def test_outputs_must_be_writable_before_training(demo_data, tmp_path):
         f"--metrics-file {a_dir}: is a directory, expected a file path",
         f"--loss-curve {a_file}/curve.png: {a_file} is not a directory",
     ], problems
+    assert _problems(demo_data, "--save", str(a_file)) == [f"--save {a_file}: exists and is not a directory"]
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
