@@ -7,11 +7,13 @@ tensor by tensor through the full (TP-unsharded) megatron-core tensor of each pa
 source -> `full(param)` -> target shards/renames/transforms it and writes it at once, so peak
 memory is about the largest tensor plus its pieces, whatever the model size.
 
-Safety: names and shapes of the source are checked against the model config before anything
-is written; output goes to a hidden `.NAME.partial-PID` directory beside the destination and is
-renamed into place only when complete (a killed run leaves no checkpoint-looking directory;
-the next run removes the dead run's partial directory). An existing destination is replaced
-only with `--force`.
+Safety: names and shapes of the source, and that `--output` can be written, are checked
+before anything is written; output goes to a hidden `.NAME.partial-PID` directory beside the
+destination and is renamed into place only when complete (a killed run leaves no
+checkpoint-looking directory; the next run removes the dead run's partial directory). An
+existing destination is replaced only with `--force`, and then only the files a checkpoint
+consists of (weights, indexes, configs, tokenizer files, iteration directories and tracker):
+anything else in the directory is kept.
 
 Decisions: TP larger than the LLM's KV groups is refused (ParallelConfig.validate says so)
 rather than replicating KV heads. The vocabulary is padded to a multiple of
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from typing import Callable, Optional
@@ -93,47 +96,107 @@ def open_source(kind: str, path: str, model: Optional[str] = None):
     return src
 
 
+# What a checkpoint of either target format consists of. `--force` replaces these entries of an
+# existing --output and keeps everything else. Markers are what makes a directory look like a
+# complete checkpoint to a reader: they leave first and arrive last, so a run killed while
+# swapping checkpoints leaves no valid-looking mixture.
+_MARKERS = re.compile(r"^(latest_checkpointed_iteration\.txt|model\.safetensors\.index\.json|"
+                      r"pytorch_model\.bin\.index\.json|model\.safetensors|pytorch_model\.bin)$")
+_CHECKPOINT_ENTRY = re.compile(r"^(iter_\d+|release|config\.json|model-\d+-of-\d+\.safetensors|"
+                               r"pytorch_model-\d+-of-\d+\.bin)$")
+
+
+def is_checkpoint_entry(name: str) -> bool:
+    """Whether a file or directory named `name` in an output directory belongs to the checkpoint."""
+    from megatron_vita.checkpoint.hf_format import AUX_FILES
+
+    return bool(_MARKERS.match(name) or _CHECKPOINT_ENTRY.match(name)) or name in AUX_FILES
+
+
+def check_output(dst: str, force: bool) -> None:
+    """Refuse an --output that exists without --force, is a file, or cannot be written (nothing is created)."""
+    if os.path.exists(dst):
+        if not os.path.isdir(dst):
+            raise FileExistsError(f"--output {dst} exists and is not a directory")
+        if os.listdir(dst) and not force:
+            raise FileExistsError(f"--output {dst} exists; pass --force to replace it (files that are not part "
+                                  "of a checkpoint are kept)")
+    # The partial directory is made beside dst, so dst's parent (or its nearest existing
+    # ancestor) must be a writable directory, and so must dst itself when files move into it.
+    ancestor = os.path.dirname(os.path.abspath(dst))
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    for where in [ancestor] + ([dst] if os.path.isdir(dst) else []):
+        if not os.path.isdir(where):
+            raise ValueError(f"--output {dst}: {where} is not a directory")
+        if not os.access(where, os.W_OK | os.X_OK):
+            raise ValueError(f"--output {dst}: {where} is not writable")
+
+
+def _dead(name: str, prefix: str) -> bool:
+    """Whether `name` is `prefix` + the pid of a process that no longer runs."""
+    if not (name.startswith(prefix) and name[len(prefix):].isdigit()):
+        return False
+    pid = int(name[len(prefix):])
+    try:
+        os.kill(pid, 0)
+        return pid == os.getpid()
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+
+
 def _remove_dead_partials(dst: str) -> None:
     parent, base = os.path.split(os.path.abspath(dst))
-    prefix = f".{base}.partial-"
     for name in os.listdir(parent) if os.path.isdir(parent) else []:
-        if name.startswith(prefix) and name[len(prefix):].isdigit():
-            pid = int(name[len(prefix):])
-            try:
-                os.kill(pid, 0)
-                alive = pid != os.getpid()
-            except ProcessLookupError:
-                alive = False
-            except PermissionError:
-                alive = True
-            if not alive:
-                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        if _dead(name, f".{base}.partial-") or _dead(name, f".{base}.old-"):
+            path = os.path.join(parent, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
 
 @contextmanager
 def atomic_output(dst: str, force: bool):
-    """Yield a hidden partial directory; move it to `dst` only when the block completes."""
+    """Yield a hidden partial directory; move its contents to `dst` only when the block completes."""
     dst = os.path.abspath(dst)
-    if os.path.exists(dst) and not (os.path.isdir(dst) and not os.listdir(dst)) and not force:
-        raise FileExistsError(f"--output {dst} exists; pass --force to replace it")
+    check_output(dst, force)
     parent, base = os.path.split(dst)
-    os.makedirs(parent, exist_ok=True)
-    _remove_dead_partials(dst)
     partial = os.path.join(parent, f".{base}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        _remove_dead_partials(dst)
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+    except OSError as e:
+        raise ValueError(f"--output {dst}: cannot create {e.filename or partial} ({e.strerror})") from None
     try:
         yield partial
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    old = None
-    if os.path.exists(dst):
-        old = os.path.join(parent, f".{base}.old-{os.getpid()}")
-        os.rename(dst, old)
-    os.rename(partial, dst)
-    if old:
-        shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+    _install(partial, dst)
+
+
+def _install(partial: str, dst: str) -> None:
+    """Move a complete checkpoint from `partial` into `dst`, replacing only dst's checkpoint entries."""
+    if not os.path.isdir(dst) or not os.listdir(dst):
+        if os.path.isdir(dst):
+            os.rmdir(dst)
+        os.rename(partial, dst)
+        return
+    parent, base = os.path.split(dst)
+    old = os.path.join(parent, f".{base}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.makedirs(old)
+    new = os.listdir(partial)
+    present = os.listdir(dst)
+    replaced = {n for n in present if is_checkpoint_entry(n)} | (set(new) & set(present))
+    for name in sorted(replaced, key=lambda n: not _MARKERS.match(n)):  # markers leave first
+        os.rename(os.path.join(dst, name), os.path.join(old, name))
+    for name in sorted(new, key=lambda n: bool(_MARKERS.match(n))):  # markers arrive last
+        os.rename(os.path.join(partial, name), os.path.join(dst, name))
+    os.rmdir(partial)
+    shutil.rmtree(old)
 
 
 class ReadAhead:
@@ -214,8 +277,7 @@ def convert(src: str, dst: str, src_format: str = "hf", dst_format: str = "megat
     src_real, dst_real = os.path.realpath(src), os.path.realpath(dst)
     if src_real == dst_real or src_real.startswith(dst_real + os.sep) or dst_real.startswith(src_real + os.sep):
         raise ValueError(f"--output {dst} overlaps --input {src}; write the conversion somewhere else")
-    if os.path.exists(dst) and not (os.path.isdir(dst) and not os.listdir(dst)) and not force:
-        raise FileExistsError(f"--output {dst} exists; pass --force to replace it")
+    check_output(dst, force)
     cast = _dtype(dtype)
     source = open_source(src_format, src, model)
     cfg = source.cfg
@@ -230,6 +292,10 @@ def convert(src: str, dst: str, src_format: str = "hf", dst_format: str = "megat
         what = (f"Megatron {megatron_format} {layout.describe()} ({names} names)" if dst_format == "megatron"
                 else "HF safetensors")
         log(f"convert: {src_format} {src} -> {what} {dst}")
+        kept = sorted(n for n in os.listdir(dst) if not is_checkpoint_entry(n)) if os.path.isdir(dst) else []
+        if kept:
+            log(f"convert: keeping {len(kept)} entries of {dst} that are not part of a checkpoint: "
+                + ", ".join(kept[:8]) + (" ..." if len(kept) > 8 else ""))
         start = time.perf_counter()
         with atomic_output(dst, force) as out:
             if dst_format == "hf":
@@ -277,6 +343,11 @@ def convert(src: str, dst: str, src_format: str = "hf", dst_format: str = "megat
             if dst_format == "megatron":
                 write_tracker(out, it)  # last: only a complete directory names its iteration
         seconds = time.perf_counter() - start
+    except OSError as e:
+        if e.filename is None:  # our own FileNotFoundErrors carry their whole message
+            raise
+        # Disk full, a file or directory that cannot be written or read: one line naming it.
+        raise RuntimeError(f"{e.filename}: {e.strerror}") from None
     finally:
         source.close()
     summary = {"tensors": done["tensors"], "bytes": done["bytes"], "seconds": seconds}
@@ -327,7 +398,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iteration", type=int, default=None, help="Megatron target iteration (default: source's or 0)")
     parser.add_argument("--max-shard-size", type=int, default=None, metavar="BYTES",
                         help="HF target shard size (default 5e9)")
-    parser.add_argument("--force", action="store_true", help="replace an existing --output")
+    parser.add_argument("--force", action="store_true", help="replace the checkpoint in an existing --output "
+                        "(weights, indexes, configs, tokenizer files, iter_* and the tracker; other files are kept)")
     parser.add_argument("--verify", action="store_true", help="compare source and target logits after converting")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -22,7 +22,9 @@ produces in training and what `DistWriter` writes; `DistSource` reads both):
       the keys are the same, so the files do not depend on the layout except for vocab padding
   Entries outside the model (optimizer.*, rng_state, ...) are ignored by the reader.
 
-Reading never runs a pickle's code: `.metadata` goes through an unpickler that only builds DCP's
+Before any tensor is read, every `.distcp` file the `.metadata` names is checked to exist and to
+be long enough for the byte ranges it lists, so a truncated or missing file is one error naming
+it, in the launcher, rather than a failure inside a rank's load. Reading never runs a pickle's code: `.metadata` goes through an unpickler that only builds DCP's
 metadata classes, common.pt through `load_weights_only`. Writing streams: DCP asks the planner
 for each chunk when it writes it, and the planner fetches (and caches) one full tensor at a time.
 """
@@ -81,6 +83,23 @@ def read_metadata(iter_dir: str):
         return unpickler.load()
 
 
+def data_file_errors(iter_dir: str, metadata) -> List[str]:
+    """A line for each data file `metadata` names that is missing or shorter than its byte ranges."""
+    need: Dict[str, int] = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        path = getattr(info, "relative_path", None)
+        if path is not None:
+            need[path] = max(need.get(path, 0), int(info.offset) + int(info.length))
+    errors = []
+    for rel, size in sorted(need.items()):
+        path = os.path.join(iter_dir, rel)
+        if not os.path.isfile(path):
+            errors.append(f"{path} is missing (its .metadata lists data in it)")
+        elif os.path.getsize(path) < size:
+            errors.append(f"{path} is truncated: {os.path.getsize(path)} bytes, its .metadata needs {size}")
+    return errors
+
+
 def _reader_class():
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -132,6 +151,9 @@ class DistSource:
             if backend != "torch_dist":
                 raise ValueError(f"{cfg_json}: sharded_backend is {backend!r}; only 'torch_dist' is supported")
         self.metadata = read_metadata(self.iter_dir)
+        broken = data_file_errors(self.iter_dir, self.metadata)
+        if broken:
+            raise ValueError(f"torch_dist checkpoint {self.iter_dir} is incomplete: " + "; ".join(broken))
         common_path = os.path.join(self.iter_dir, COMMON)
         self.common = load_weights_only(common_path) if os.path.isfile(common_path) else {}
         self.args = self.common.get("args")

@@ -3,7 +3,8 @@
 Checkpoints are loaded with `weights_only=True`. Megatron's legacy `model_optim_rng.pt` files
 also hold a few harmless non-tensor objects (an `argparse.Namespace` of the training flags,
 enums); only those are allow-listed. A pickle that asks for anything else is refused with an
-error that names the file and the global it wanted. `MmapCache` keeps large checkpoint files
+error that names the file and the global it wanted; a truncated or foreign file is refused with
+one line naming it. Both are exceptions the command line prints as one line. `MmapCache` keeps large checkpoint files
 memory-mapped while a converter reads them, dropping the pages of each tensor once copied.
 """
 from __future__ import annotations
@@ -24,6 +25,10 @@ ALLOWED_GLOBALS = [argparse.Namespace, collections.OrderedDict]
 
 class UnsafeCheckpointError(RuntimeError):
     """The checkpoint's pickle asked for a type outside the allow-list."""
+
+
+class UnreadableCheckpointError(ValueError):
+    """The file is not a torch checkpoint that can be read (truncated, corrupt, not torch.save's)."""
 
 
 def _allowed() -> list:
@@ -48,6 +53,13 @@ def load_weights_only(path: str, map_location: Any = "cpu", mmap: bool = False) 
             f"refusing to load {path}: its pickle needs objects outside the weights-only allow-list "
             f"(torch says: {str(e).splitlines()[0]}). If you trust this file, re-save it as tensors only."
         ) from None
+    except (RuntimeError, EOFError, KeyError, ValueError) as e:
+        if mmap and "mmap" in str(e):
+            raise  # an old (non-zip) torch file: MmapCache loads it whole instead
+        # torch's own first sentence says what failed (a KeyError from the legacy reader says nothing).
+        why = "not in torch.save's format" if isinstance(e, KeyError) else str(e).split(". ")[0].splitlines()[0]
+        raise UnreadableCheckpointError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): "
+                                        f"{why}") from None
 
 
 class MmapCache:

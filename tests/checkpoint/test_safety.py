@@ -157,12 +157,55 @@ def test_overwrite_needs_force(tiny_hf_dir, tiny_tensors, tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"--output {out} exists; pass --force to replace it" in proc.stderr
     assert (out / "keep.txt").read_text() == "mine"
+    (out / "notes").mkdir()
+    (out / "notes" / "run.md").write_text("mine too")
+    # --force replaces what a checkpoint consists of and nothing else.
     run(tiny_hf_dir, out, "hf", "megatron", megatron_format="legacy", force=True)
-    assert sorted(os.listdir(out)) == ["iter_0000000", "latest_checkpointed_iteration.txt"]
+    assert sorted(os.listdir(out)) == ["iter_0000000", "keep.txt", "latest_checkpointed_iteration.txt", "notes"]
+    assert (out / "keep.txt").read_text() == "mine" and (out / "notes" / "run.md").read_text() == "mine too"
     with pytest.raises(ValueError, match="overlaps --input"):
         run(out, out / "inside", "megatron", "hf")
     run(out, tmp_path / "hf", "megatron", "hf")
     assert_same_tensors(tiny_tensors, hf_tensors(tmp_path / "hf"))
+    # A Megatron checkpoint replaced by a HF one: the iteration directory and tracker go too.
+    logged = []
+    convert(str(tmp_path / "hf"), str(out), "hf", "hf", force=True, progress=False, log=logged.append,
+            max_shard_size=1 << 20)
+    names = sorted(os.listdir(out))
+    assert "iter_0000000" not in names and "latest_checkpointed_iteration.txt" not in names
+    assert {"keep.txt", "notes", "config.json", "model.safetensors.index.json"} <= set(names)
+    assert any("keeping 2 entries" in line and "keep.txt, notes" in line for line in logged), logged
+    assert_same_tensors(tiny_tensors, hf_tensors(out))
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no partial or old directory left
+
+
+def _cli_convert(src, out, *extra):
+    return subprocess.run([sys.executable, "-m", "megatron_vita", "convert", "--from", "hf", "--to", "megatron",
+                           "--input", str(src), "--output", str(out), "--no-progress", *extra],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MEGATRON_VITA_BACKEND": "cpu"})
+
+
+@pytest.mark.timeout(240)
+def test_unusable_output_is_one_line_before_any_work(tiny_hf_dir, tmp_path):
+    """Root ignores file modes, so the unwritable outputs here are paths that go through a file."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for out, why in ((blocker / "ckpt", f"{blocker} is not a directory"),
+                     (blocker, "exists and is not a directory")):
+        proc = _cli_convert(tiny_hf_dir, out, "--force")
+        assert proc.returncode == 1, proc.stderr
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert f"--output {out}" in proc.stderr and why in proc.stderr, proc.stderr
+        assert "convert:" not in proc.stdout  # refused before the source was even read
+    assert blocker.read_text() == "x" and os.listdir(tmp_path) == ["a_file"]
+    # Kernel file systems refuse new directories even to root: /proc/sys is mounted read-only
+    # (refused by the up-front check), /sys says EPERM only when the partial directory is made.
+    for out in ("/proc/sys/megatron_vita_test_ckpt", "/sys/megatron_vita_test_ckpt"):
+        proc = _cli_convert(tiny_hf_dir, out)
+        assert proc.returncode == 1, proc.stderr
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert f"--output {out}" in proc.stderr, proc.stderr
 
 
 KILLER = """
@@ -177,6 +220,21 @@ def on_tensor(name, nbytes):
 convert(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], tp=2, megatron_format=sys.argv[6], progress=False,
         on_tensor=on_tensor)
 """
+
+
+def test_sigkill_mid_forced_conversion_keeps_the_old_checkpoint(tiny_hf_dir, tiny_tensors, tmp_path):
+    dst = tmp_path / "ckpt"
+    run(tiny_hf_dir, dst, "hf", "megatron", megatron_format="legacy")
+    (dst / "keep.txt").write_text("mine")
+    before = {f: os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dst) for f in fs}
+    proc = subprocess.run([sys.executable, "-c", KILLER.replace("progress=False", "progress=False, force=True"),
+                           tiny_hf_dir, str(dst), "hf", "megatron", "30", "torch_dist"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    # Killed while writing the replacement: the old checkpoint is untouched and still loads.
+    assert {f: os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dst) for f in fs} == before
+    run(dst, tmp_path / "back", "megatron", "hf")
+    assert_same_tensors(tiny_tensors, hf_tensors(tmp_path / "back"))
 
 
 @pytest.mark.parametrize("target", ["legacy", "torch_dist", "hf"])
