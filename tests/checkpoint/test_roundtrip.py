@@ -3,17 +3,21 @@
 Pure tensor conversion in this process (no megatron process groups). Outputs are read back by
 independent readers: the safetensors library for HF, plain `torch.load(weights_only=True)` for
 legacy rank files. TP4 and TP8 use the `wide` tiny model (8 KV groups): the tiny model's 2 KV
-groups cannot be split 4 ways, which the converter refuses (checked below).
+groups cannot be split 4 ways, which the converter refuses (checked below). Written files get
+the mode open() gives any new file (0o666 less the umask), shards included: the safetensors
+library creates its files 0600, and the converter's own writer used to hard-code 0644.
 """
 import argparse
 import os
 import shutil
+import stat
 
 import pytest
 import torch
 from ckpttest_lib import assert_same_tensors, hf_tensors
 
 from megatron_vita.checkpoint.convert import convert
+from megatron_vita.hf.tiny import create_tiny
 
 
 def quiet(*_):
@@ -173,3 +177,41 @@ def test_tp_above_kv_groups_is_refused(tiny_hf_dir, tmp_path):
     with pytest.raises(ValueError, match="KV groups"):
         run(tiny_hf_dir, tmp_path / "mg", "hf", "megatron", tp=4)
     assert not (tmp_path / "mg").exists()
+
+
+@pytest.fixture
+def umask_002():
+    """A group-writable umask: 0o664 files, which neither 0600 nor a hard-coded 0644 gives."""
+    previous = os.umask(0o002)
+    try:
+        yield 0o664
+    finally:
+        os.umask(previous)
+
+
+def _modes(path):
+    return {name: stat.S_IMODE(os.stat(os.path.join(path, name)).st_mode) for name in os.listdir(path)}
+
+
+def test_shards_get_the_same_mode_as_the_config_files(tmp_path, umask_002):
+    tiny = create_tiny(str(tmp_path / "tiny"))
+    modes = _modes(tiny)
+    assert sum(name.endswith(".safetensors") for name in modes) >= 2
+    assert set(modes.values()) == {umask_002}, modes
+    out = tmp_path / "hf"
+    convert(tiny, str(out), "hf", "hf", max_shard_size=1 << 20, progress=False, log=lambda *a: None)
+    modes = _modes(out)
+    assert sum(name.endswith(".safetensors") for name in modes) >= 2
+    assert set(modes.values()) == {umask_002}, modes
+
+
+def test_create_tiny_again_leaves_no_stale_shards(tmp_path):
+    out = str(tmp_path / "tiny")
+    create_tiny(out, max_shard_size=300_000)
+    many = sorted(n for n in os.listdir(out) if n.endswith(".safetensors"))
+    (tmp_path / "tiny" / "notes.txt").write_text("mine")
+    create_tiny(out)
+    few = sorted(n for n in os.listdir(out) if n.endswith(".safetensors"))
+    assert len(many) > len(few) >= 2
+    assert sorted(os.listdir(out)) == sorted(few + ["config.json", "generation_config.json",
+                                                    "model.safetensors.index.json", "notes.txt"])
