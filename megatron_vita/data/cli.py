@@ -2,9 +2,10 @@
 
 Owns the command line of the data component. `inspect` prints the recipe settings, per-dataset
 sizes / ratios / caps / selected counts, a token-length histogram of the first documents of
-the stream, the packing efficiency of the first packed sequences, one rendered sample (text with
-runs of feature placeholders collapsed) and writes a PNG of that sample's tiles. Heavy imports
-stay inside functions.
+the stream (their media decoded, so that files which only fail when decoded count as bad),
+the packing efficiency of the first packed sequences, one rendered sample (text with runs of
+feature placeholders collapsed) and writes a PNG of that sample's tiles. Heavy imports stay
+inside functions.
 """
 from __future__ import annotations
 
@@ -110,12 +111,12 @@ def _resolve_tokenizer(args, recipe) -> Optional[str]:
 def _inspect(args) -> int:
     from megatron_vita.config.model import resolve_model_config
     from megatron_vita.data.image import tile_sheet
-    from megatron_vita.data.loader import RecordEvaluator
-    from megatron_vita.data.packing import Packer
+    from megatron_vita.data.image import MediaError
+    from megatron_vita.data.loader import RecordEvaluator, build_planner
     from megatron_vita.data.readers import RecordFile
     from megatron_vita.data.recipe import load_recipe
-    from megatron_vita.data.sampler import MixtureOrder, Planner, used_count
-    from megatron_vita.data.template import load_tokenizer
+    from megatron_vita.data.sampler import MixtureOrder, used_count
+    from megatron_vita.data.template import SampleError, load_tokenizer
 
     recipe = load_recipe(args.recipe, args.data_root)
     r = recipe
@@ -127,9 +128,10 @@ def _inspect(args) -> int:
 
     enabled = r.enabled_datasets
     sizes = {}
-    from tqdm import tqdm
+    from tqdm import tqdm  # bars only on a terminal (disable=None): logs and pipes get the report alone
 
-    for d in tqdm(enabled, desc="indexing dataset files", unit="file", disable=len(enabled) < 20):
+    for d in tqdm(enabled, desc="indexing dataset files", unit="file",
+                  disable=True if len(enabled) < 20 else None):
         sizes[d.path] = len(RecordFile(r.resolve(args.data_root, d.path), d.format, args.cache_dir))
     total_used = sum(used_count(sizes[d.path], d) for d in enabled)
     print(f"\ndatasets: {len(enabled)} enabled of {len(r.datasets)} listed; {total_used} records per epoch")
@@ -145,28 +147,40 @@ def _inspect(args) -> int:
     ev = RecordEvaluator(r, tok, model_cfg, args.data_root, args.cache_dir)
     order = MixtureOrder(ev.sizes, r.datasets, args.seed)
 
-    lengths, outcomes, usable = [], {}, []
-    for p in tqdm(range(min(args.samples, order.total * 4)), desc="planning documents", unit="doc", leave=False):
+    lengths, outcomes, sample = [], {}, None
+    for p in tqdm(range(min(args.samples, order.total * 4)), desc="planning documents", unit="doc", leave=False,
+                  disable=None):
         ds, rec = order.at(p)
         ref, outcome, loc, _ = ev.evaluate(ds, rec)
-        outcomes[outcome] = outcomes.get(outcome, 0) + 1
         if ref is not None:
-            lengths.append(ref[2])
-            usable.append((ref, loc))
-    # Render the first document with pictures (else the first usable one).
-    sample = next(((ref, loc) for ref, loc in usable[:50] if ev.document(ref[0], ref[1], ref[3])[0].num_tiles),
-                  usable[0] if usable else None)
-    print(f"\ntoken lengths of the first {sum(outcomes.values())} documents of the stream "
+            # Decoded as training would: a file whose header is fine but whose pixels are not
+            # (a truncated JPEG) is bad here too, and is never the rendered sample.
+            try:
+                doc = ev.materialize(ref)
+            except (SampleError, MediaError) as e:
+                outcome = f"bad:{e.reason}"
+            except Exception:
+                outcome = "bad:unexpected"
+            else:
+                lengths.append(ref[2])
+                if sample is None or (not len(sample[2][2]) and len(doc[2])):
+                    sample = (ref, loc, doc)  # the first document with pictures, else the first usable one
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    print(f"\ntoken lengths of the first {sum(outcomes.values())} documents of the stream, media decoded "
           f"(outcomes: {', '.join(f'{k} {v}' for k, v in sorted(outcomes.items()))}):")
     if lengths:
         print(f"  min {min(lengths)}, mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)} "
               f"(seq_length {r.seq_length})")
     print("\n".join(histogram(lengths)))
 
-    planner = Planner(order, ev.names, ev.evaluate, Packer(r.packing.mode, r.seq_length, r.packing.buffers),
-                      r.bad_samples.report_first, threads=2)
-    packs = [planner.next_pack() for _ in tqdm(range(args.packs), desc="packing", unit="seq", leave=False)]
-    planner.close()
+    # Inspecting reports bad samples rather than stopping at the limit; a stream with nothing
+    # usable still ends (UnusableDataError, one line) instead of being walked forever.
+    planner = build_planner(r, ev, args.seed, enforce_bad_limit=False)
+    try:
+        packs = [planner.next_pack() for _ in tqdm(range(args.packs), desc="packing", unit="seq", leave=False,
+                                                            disable=None)]
+    finally:
+        planner.close()
     used = sum(ref[2] for pk in packs for ref in pk)
     eff = used / (len(packs) * r.seq_length) if packs else 0.0
     print(f"\npacking efficiency over {len(packs)} sequences: {eff:.1%} real tokens "
@@ -177,8 +191,7 @@ def _inspect(args) -> int:
     if sample is None:
         print("\nno usable document to render")
         return 0
-    ref, loc = sample
-    ids, labels, pix = ev.materialize(ref)
+    ref, loc, (ids, labels, pix) = sample
     collapse = set(ev.tokens.context_ids)
     print(f"\nsample {loc} ({len(ids)} tokens, {len(pix)} tiles, {sum(x != -100 for x in labels)} supervised):")
     print("  " + render_ids(tok, ids, collapse).replace("\n", "\n  "))

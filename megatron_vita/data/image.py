@@ -18,10 +18,16 @@ Tiles of one micro-batch are normalised in one vectorised torch op rather than p
 from __future__ import annotations
 
 import os
+import warnings
 from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
+
+# PIL warns about pictures over its own 89M-pixel limit when their header is read; every header
+# read here is followed by the `max_pixels` check, which refuses (and counts) such a picture, so
+# the warning would only add an uncounted second report of it.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

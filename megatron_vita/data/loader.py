@@ -6,15 +6,22 @@ DataLoader workers only materialise those plans (decode media, build tensors), s
 deterministic for any number of workers and the resume state never depends on them.
 
 Batch (dict), see packing.collate_packs: tokens, labels (pre-shifted), loss_mask, position_ids,
-pixel_values, image_indices, num_samples, samples (the (dataset, record) ids per row), and with
-reset packing cu_seqlens + max_seqlen.
+pixel_values, image_indices, num_samples, samples (the (dataset, record) ids per row of the
+documents in the batch, i.e. what is trained on), and with reset packing cu_seqlens + max_seqlen.
+
+A planned document whose media fail to decode (a truncated JPEG, an over-limit frame) is left
+out of its row by the worker and listed in the batch as plain data; the main process pops that
+list and counts each drop in the same statistics as the planner's, by reason, toward the
+bad-sample limit, and logs it.
 
 `state_dict()` is small, JSON-serialisable and identical on every DP rank: the planner snapshot
 after the last fully consumed round (stream position, packer buffers of indices, global
-counters), a fingerprint of recipe/data/tokenizer, and the layout it was saved with. Loading it
-continues the same global stream of packed sequences, for any DP size or micro-batch size.
-Decode failures found by workers are per rank: they are logged and counted in `stats()` but are
-not part of the (rank-independent) state.
+counters), the decode drops up to that round, a fingerprint of recipe/data/tokenizer, and the
+layout it was saved with. Loading it continues the same global stream of packed sequences, for
+any DP size or micro-batch size. Each DP rank decodes only its own micro-batches: given
+`dp_group`, `state_dict()` and `stats()` (called by every rank at the same step) gather the
+ranks' decode drops so that the counts are global; without it, with DP > 1, each rank counts
+its own (and a checkpoint keeps the saving rank's).
 """
 from __future__ import annotations
 
@@ -34,8 +41,8 @@ from megatron_vita.data.image import MediaError
 from megatron_vita.data.packing import Packer, SampleRef, collate_packs
 from megatron_vita.data.readers import RecordFile, normalize_record
 from megatron_vita.data.recipe import Recipe, load_recipe
-from megatron_vita.data.sample import DataStats, Document, SampleBuilder
-from megatron_vita.data.sampler import Evaluation, MixtureOrder, Planner
+from megatron_vita.data.sample import DataError, DataStats, Document, SampleBuilder
+from megatron_vita.data.sampler import Evaluation, MixtureOrder, Planner, UnusableDataError
 from megatron_vita.data.template import ChatEncoder, SampleError
 
 logger = logging.getLogger("megatron_vita.data")
@@ -144,27 +151,29 @@ class PackDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, plan: Dict[str, Any]) -> dict:
         ev = self.ev
-        stats = DataStats(ev.names, ev.recipe.bad_samples.report_first)
-        rows = []
+        rows, samples, dropped = [], [], []
         for pack in plan["packs"]:
-            docs = []
+            docs, kept = [], []
             for ref in pack:
-                ref = tuple(ref)
+                ref = tuple(int(x) for x in ref)
                 try:
                     docs.append(ev.materialize(ref))
+                    kept.append([ref[0], ref[1]])
                 except (SampleError, MediaError) as e:
-                    stats.bad(ev.names[ref[0]], e.reason, ev.location(ref[0], ref[1]), str(e))
-                except Exception as e:
-                    stats.bad(ev.names[ref[0]], "unexpected", ev.location(ref[0], ref[1]), f"{type(e).__name__}: {e}")
+                    dropped.append([ref[0], ref[1], ref[2], e.reason, str(e)])
+                except Exception as e:  # counted like the planner's "unexpected": never lost
+                    dropped.append([ref[0], ref[1], ref[2], "unexpected", f"{type(e).__name__}: {e}"])
             rows.append(docs)
+            samples.append(kept)
         r = ev.recipe
         batch = collate_packs(rows, r.seq_length, self.pad_id, r.packing.reset and r.packing.mode != "none",
                               ev.num_image_token, ev.tokens.context_ids, ev.image_size, self.with_cu_seqlens,
                               normalize=self.normalize)
         batch["micro_batch"] = plan["micro_batch"]
-        # (dataset, record) of every planned document per row: lets a run be audited sample by sample.
-        batch["samples"] = [[[int(r[0]), int(r[1])] for r in pack] for pack in plan["packs"]]
-        batch["worker_stats"] = stats.state_dict()
+        # (dataset, record) of every document in each row: lets a run be audited sample by sample.
+        batch["samples"] = samples
+        # [dataset, record, tokens, reason, message] per planned document left out; popped by TrainLoader.
+        batch["dropped"] = dropped
         return batch
 
 
@@ -183,6 +192,7 @@ class _RankPlans(torch.utils.data.Sampler):
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, ahead))
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self.error: Optional[BaseException] = None
 
     def _produce(self) -> None:
         micro = 0
@@ -210,7 +220,11 @@ class _RankPlans(torch.utils.data.Sampler):
         while True:
             micro, plan, snapshot = self._queue.get()
             if micro is None:
-                raise plan
+                # Ending the index stream (rather than raising inside the DataLoader's machinery,
+                # possibly while it starts its workers) lets the batches planned before the
+                # failure arrive; TrainLoader raises the error after them.
+                self.error = plan
+                return
             self.snapshots.append((micro, snapshot))
             yield plan
 
@@ -234,7 +248,7 @@ class TrainLoader:
     def __init__(self, recipe: Recipe, evaluator: RecordEvaluator, *, seed: int, dp_rank: int, dp_size: int,
                  micro_batch_size: int, num_workers: int, state: Optional[dict], vocab_size: int,
                  planner_threads: int = 2, pin_memory: bool = False, prefetch_factor: int = 2,
-                 normalize: bool = True):
+                 normalize: bool = True, dp_group=None):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is outside dp_size {dp_size}")
         reset = recipe.packing.reset and recipe.packing.mode != "none"
@@ -243,18 +257,23 @@ class TrainLoader:
                              f"--micro-batch-size 1 (got {micro_batch_size})")
         self.recipe, self.ev = recipe, evaluator
         self.dp_rank, self.dp_size, self.mbs = dp_rank, dp_size, micro_batch_size
+        self.dp_group = dp_group
         self.fingerprint = evaluator.fingerprint(seed, vocab_size)
-        order = MixtureOrder(evaluator.sizes, recipe.datasets, seed)
-        self.planner = Planner(order, evaluator.names, evaluator.evaluate,
-                               Packer(recipe.packing.mode, recipe.seq_length, recipe.packing.buffers),
-                               recipe.bad_samples.report_first, threads=planner_threads)
+        self.planner = build_planner(recipe, evaluator, seed, planner_threads)
         self.micro_batches = 0
+        bs = recipe.bad_samples
+        # Decode drops: `_decode` holds those known on every rank (from the state, or gathered at
+        # the last state_dict/stats), `_local` this rank's since then.
+        self._decode = DataStats(evaluator.names, bs.report_first)
+        self._local = DataStats(evaluator.names, bs.report_first)
         if state is not None:
             self._check_state(state)
             self.planner.load_state_dict(copy.deepcopy(state["planner"]))
+            if state.get("decode") is not None:
+                self._decode.load_state_dict(state["decode"])
         self._snapshot = copy.deepcopy(self.planner.state_dict())
-        self.worker_stats = DataStats(evaluator.names, recipe.bad_samples.report_first)
         self._reported = len(self.planner.stats.reports)
+        self._logged = 0
         self.sampler = _RankPlans(self.planner, dp_rank, dp_size, micro_batch_size)
         dataset = PackDataset(evaluator, evaluator.tokens.pad_token_id, reset, normalize)
         kwargs = dict(num_workers=num_workers, batch_size=None, sampler=self.sampler, collate_fn=_identity,
@@ -279,7 +298,11 @@ class TrainLoader:
     def __next__(self) -> dict:
         if self._it is None:
             self._it = iter(self._dataloader)
-        batch = next(self._it)
+        batch = next(self._it, None)
+        if batch is None:  # the plans ended: only ever because planning failed
+            if self.sampler.error is not None:
+                raise self.sampler.error
+            raise StopIteration
         micro = batch.pop("micro_batch")
         while self.sampler.snapshots and self.sampler.snapshots[0][0] < micro:
             self.sampler.snapshots.popleft()
@@ -288,13 +311,15 @@ class TrainLoader:
             raise RuntimeError(f"data loader out of order: batch {micro}, snapshot {got}")
         self._snapshot = snap
         self.micro_batches += 1
-        self.worker_stats.merge(batch.pop("worker_stats"))
         self._report(snap)
         bs = self.recipe.bad_samples
-        combined = DataStats(report_first=bs.report_first)
-        combined.load_state_dict(snap["stats"])
-        combined.merge(self.worker_stats.state_dict())
-        combined.check_fraction(bs.max_fraction, bs.min_samples)
+        for ds, rec, tokens, reason, message in batch.pop("dropped"):
+            location = self.ev.location(ds, rec)
+            if self._logged < bs.report_first:  # like the planner's: the first few, then counts only
+                logger.warning("bad sample dropped when decoding: %s: %s: %s", location, reason, message)
+                self._logged += 1
+            self._local.decode_failed(self.ev.names[ds], reason, location, message, tokens)
+        self._combined(self._decode_known()).check_fraction(bs.max_fraction, bs.min_samples)
         return batch
 
     def _report(self, snap: dict) -> None:
@@ -304,35 +329,100 @@ class TrainLoader:
                 logger.warning("bad sample skipped: %s", r)
         self._reported = len(reports)
 
+    def _decode_known(self) -> DataStats:
+        out = self._decode.copy()
+        out.merge(self._local.state_dict())
+        return out
+
+    def _decode_global(self) -> DataStats:
+        """Decode drops of every DP rank up to the last consumed round (collective with dp_group)."""
+        if self.dp_group is not None and self.dp_size > 1:
+            gathered: List[Optional[dict]] = [None] * self.dp_size
+            torch.distributed.all_gather_object(gathered, self._local.state_dict(), group=self.dp_group)
+            for d in gathered:
+                self._decode.merge(d)
+            self._local = DataStats(self.ev.names, self.recipe.bad_samples.report_first)
+        return self._decode_known()
+
+    def _combined(self, decode: DataStats) -> DataStats:
+        """Planner counters as of the last consumed round plus the given decode drops."""
+        out = DataStats(report_first=self.recipe.bad_samples.report_first)
+        out.load_state_dict(self._snapshot["stats"])
+        reports = out.reports + decode.reports
+        out.merge(decode.state_dict())
+        out.reports = reports
+        return out
+
     def state_dict(self) -> dict:
-        """JSON-serialisable resume state (identical on all DP ranks after the same step)."""
+        """JSON-serialisable resume state (identical on all DP ranks after the same step; with
+        dp_group every rank must call it, as at a checkpoint save)."""
         return {"version": STATE_VERSION, "fingerprint": self.fingerprint, "recipe": self.recipe.name,
                 "dp_size": self.dp_size, "micro_batch_size": self.mbs,
-                "planner": copy.deepcopy(self._snapshot)}
+                "planner": copy.deepcopy(self._snapshot), "decode": self._decode_global().state_dict()}
 
     def stats(self) -> dict:
-        """Counters as of the last yielded batch: global planner counters plus this rank's decode failures."""
+        """Counters as of the last yielded batch: the planner's, the decode drops, both combined
+        (`summary` is the combined one). With dp_group every rank must call it."""
         planner = DataStats()
         planner.load_state_dict(self._snapshot["stats"])
-        return {"planner": planner.state_dict(), "rank_decode": self.worker_stats.state_dict(),
-                "summary": planner.summary(), "packs_consumed": self._snapshot["packs_emitted"]}
+        decode = self._decode_global()
+        combined = self._combined(decode)
+        return {"planner": planner.state_dict(), "decode": decode.state_dict(), "combined": combined.state_dict(),
+                "summary": combined.summary(), "packs_consumed": self._snapshot["packs_emitted"]}
 
     def close(self) -> None:
+        # Persistent workers are stopped here rather than whenever the iterator is collected: left
+        # to garbage collection after a stream that ended before its first batch, their queues can
+        # be torn down in the wrong order (EBADF noise from multiprocessing). No public API exists.
+        shutdown = getattr(getattr(self._dataloader, "_iterator", None), "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
         self._it = None
         self.sampler.stop()
         self.planner.close()
+
+
+def build_planner(recipe: Recipe, evaluator: RecordEvaluator, seed: int, threads: int = 2,
+                  enforce_bad_limit: bool = True) -> Planner:
+    """The recipe's planner over the evaluator's records (the bad-sample limit applied per record)."""
+    order = MixtureOrder(evaluator.sizes, recipe.datasets, seed)
+    bs = recipe.bad_samples
+    return Planner(order, evaluator.names, evaluator.evaluate,
+                   Packer(recipe.packing.mode, recipe.seq_length, recipe.packing.buffers), bs.report_first,
+                   threads=threads, max_fraction=bs.max_fraction if enforce_bad_limit else None,
+                   min_samples=bs.min_samples)
+
+
+def check_data(recipe: Union[str, Recipe], *, tokenizer, model_config, data_root: str, seed: int = 1234,
+               cache_dir: Optional[str] = None) -> None:
+    """Before any rank starts: the recipe's stream fills a first packed sequence.
+
+    Raises UnusableDataError (one line: every record bad, or every document longer than the
+    sequence) or DataError (bad-sample limit exceeded; the first line says so, a summary follows)
+    within seconds, instead of letting the ranks discover it; both are RuntimeErrors. Costs the
+    planning of one sequence (headers and probes, no pixels).
+    """
+    if isinstance(recipe, str):
+        recipe = load_recipe(recipe, data_root)
+    evaluator = RecordEvaluator(recipe, tokenizer, model_config, data_root, cache_dir)
+    planner = build_planner(recipe, evaluator, seed)
+    try:
+        planner.next_pack()
+    finally:
+        planner.close()
 
 
 def build_train_loader(recipe: Union[str, Recipe], *, tokenizer, model_config, data_root: str, seed: int = 1234,
                        dp_rank: int = 0, dp_size: int = 1, micro_batch_size: int = 1, num_workers: int = 2,
                        state: Optional[dict] = None, cache_dir: Optional[str] = None, planner_threads: int = 2,
                        pin_memory: bool = False, prefetch_factor: int = 2, progress: bool = False,
-                       normalize: bool = True) -> TrainLoader:
+                       normalize: bool = True, dp_group=None) -> TrainLoader:
     """The micro-batch stream of one data-parallel rank (see module docstring for batch and state).
 
     normalize=False delivers `pixel_values` as uint8 [n, 3, H, W] (4x less memory and worker
     traffic, which matters at 128K-1M tokens); the consumer then calls
-    `megatron_vita.data.image.normalize_pixels` on the device.
+    `megatron_vita.data.image.normalize_pixels` on the device. `dp_group` (the data-parallel
+    process group) makes the decode-drop counts of `state_dict()` / `stats()` global.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if isinstance(recipe, str):
@@ -344,7 +434,8 @@ def build_train_loader(recipe: Union[str, Recipe], *, tokenizer, model_config, d
     return TrainLoader(recipe, evaluator, seed=seed, dp_rank=dp_rank, dp_size=dp_size,
                        micro_batch_size=micro_batch_size, num_workers=num_workers, state=state,
                        vocab_size=len(tokenizer), planner_threads=planner_threads, pin_memory=pin_memory,
-                       prefetch_factor=prefetch_factor, normalize=normalize)
+                       prefetch_factor=prefetch_factor, normalize=normalize, dp_group=dp_group)
 
 
-__all__ = ["build_train_loader", "TrainLoader", "RecordEvaluator", "Document"]
+__all__ = ["build_train_loader", "check_data", "TrainLoader", "RecordEvaluator", "Document", "DataError",
+           "UnusableDataError"]

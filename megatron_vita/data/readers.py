@@ -10,8 +10,8 @@ Owns reading one record of one dataset file by index, and turning it into a `Con
 
 Random access uses a byte-offset index of the non-blank lines, built by one vectorised scan and
 cached on disk (keyed by path, size and mtime) so that 17M records are indexed once, not per
-rank and run. Media paths resolve under the data root (or the dataset's media root); a path that
-escapes it is refused.
+rank and run. Media paths resolve under the data root (or the dataset's media root); a path whose
+real location (symlinks followed) lies outside it is refused.
 """
 from __future__ import annotations
 
@@ -168,9 +168,11 @@ class RecordFile:
 
     def read(self, k: int) -> Any:
         try:
-            return json.loads(self.read_text(k))
+            # Without its line break, json's column is the column of the record's line.
+            return json.loads(self.read_text(k).rstrip("\r\n"))
         except json.JSONDecodeError as e:
-            raise SampleError(f"malformed JSON ({e.msg} at column {e.colno})", "malformed_json") from None
+            # json's own wording ("Expecting value", "Unterminated string starting at") + the column.
+            raise SampleError(f"malformed JSON: {e.msg}: column {e.colno}", "malformed_json") from None
 
 
 def _media_list(obj: dict, plural: str, singular: str) -> List[str]:
@@ -209,10 +211,19 @@ def normalize_record(obj: Any, require_answer: bool = True) -> Conversation:
 
 
 def resolve_media(path: str, base: str, allowed_roots: Sequence[str]) -> str:
-    """Lexically resolve a media path under `base`; SampleError when it escapes every allowed root."""
-    full = os.path.normpath(path if os.path.isabs(path) else os.path.join(base, path))
+    """The real path of a media file under `base`; SampleError when it lies outside every allowed root.
+
+    Containment is decided on real paths (symlinks resolved in the file and in the roots), so a
+    link inside the data root that points outside it is refused like `../outside.png`.
+    The returned path is the resolved one: what is opened later is what was checked.
+    """
+    full = os.path.realpath(path if os.path.isabs(path) else os.path.join(base, path))
     for root in allowed_roots:
-        root = os.path.normpath(os.path.abspath(root))
-        if os.path.commonpath([os.path.abspath(full), root]) == root:
+        if is_within(full, os.path.realpath(root)):
             return full
-    raise SampleError(f"media path {path!r} escapes the data root", "path_escape")
+    raise SampleError(f"media path {path!r} escapes the data root (resolves to {full})", "path_escape")
+
+
+def is_within(real_path: str, real_root: str) -> bool:
+    """Whether an already resolved path is the root or lies below it."""
+    return os.path.commonpath([real_path, real_root]) == real_root

@@ -20,6 +20,8 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 PACKING_MODES = ("per_source", "shared", "none")
+# Shortest packed sequence accepted: below it not even a one-word text exchange fits the chat template.
+MIN_SEQ_LENGTH = 16
 OVERSIZE_POLICIES = ("drop", "truncate", "fewer_frames")
 FORMATS = ("auto", "jsonl", "llava_json")
 
@@ -224,7 +226,8 @@ def _validate_values(r: Recipe, doc, c: _Checker) -> None:
         return _line(doc.get(sub) or {}, key, _line(doc, sub, 1)) if sub else _line(doc, key, 1)
 
     c.check(r.stage in (0, 1, 2, 3, 4), L("stage"), "stage", f"expected 1..4 (0 for the demo), got {r.stage}")
-    c.check(r.seq_length >= 16, L("seq_length"), "seq_length", f"expected >= 16 tokens, got {r.seq_length}")
+    c.check(r.seq_length >= MIN_SEQ_LENGTH, L("seq_length"), "seq_length",
+            f"expected >= {MIN_SEQ_LENGTH} tokens, got {r.seq_length}")
     im, vd, pk, bd = r.image, r.video, r.packing, r.bad_samples
     c.check(1 <= im.min_tiles <= im.max_tiles <= 64, L("max_tiles", "image"), "image.max_tiles",
             f"need 1 <= min_tiles <= max_tiles <= 64, got {im.min_tiles}..{im.max_tiles}")
@@ -251,6 +254,13 @@ def _validate_values(r: Recipe, doc, c: _Checker) -> None:
                 f"{d.path} is listed twice (first on line {seen.get(d.path)})")
         seen[d.path] = d.line
     c.check(any(d.enabled for d in r.datasets), L("datasets"), "datasets", "no dataset has ratio > 0")
+
+
+def check_seq_length(n: int, where: str = "--seq-length") -> int:
+    """The bound a recipe's seq_length obeys, for a value from elsewhere (a flag): ValueError naming `where`."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < MIN_SEQ_LENGTH:
+        raise ValueError(f"{where}: expected an integer >= {MIN_SEQ_LENGTH} tokens, got {n!r}")
+    return n
 
 
 def load_recipe(path: str, data_root: Optional[str] = None) -> Recipe:

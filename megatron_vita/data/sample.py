@@ -21,12 +21,14 @@ import numpy as np
 from megatron_vita.data.image import (
     MediaError, choose_grid, image_size_from_header, load_image_pictures, num_tiles_for_grid, tiles_to_uint8,
 )
-from megatron_vita.data.readers import Conversation, resolve_media
+from megatron_vita.data.readers import Conversation, is_within, resolve_media
 from megatron_vita.data.recipe import Recipe
 from megatron_vita.data.template import (
     IGNORE_INDEX, ChatEncoder, SampleError, image_token_ids, video_token_count, video_token_ids,
 )
-from megatron_vita.data.video import read_frames, sample_frame_indices, video_frame_indices
+from megatron_vita.data.video import (
+    check_frame_headers, list_frame_files, read_frames, sample_frame_indices, video_frame_indices,
+)
 
 
 @dataclass
@@ -76,6 +78,7 @@ class SampleBuilder:
             raise SampleError(f"{order.count('image')} <image> / {order.count('video')} <video> tags but "
                               f"{len(conv.images)} images / {len(conv.videos)} videos", "placeholder_mismatch")
         roots = [self.data_root, media_base]
+        real_roots = [os.path.realpath(r) for r in roots]
         images, videos = iter(conv.images), iter(conv.videos)
         im, vd = self.recipe.image, self.recipe.video
         items = []
@@ -90,9 +93,21 @@ class SampleBuilder:
                 indices, info = video_frame_indices(path, max_frames, vd.max_fps, vd.frame_dir_fps)
                 if not indices:
                     raise MediaError(f"video {path} yields no frames", "zero_frame_video")
+                if info.backend == "frames":
+                    self._check_frames(path, indices, real_roots)
                 items.append(MediaItem("video", path, num_tiles=len(indices), indices=indices, backend=info.backend,
                                        total_frames=info.num_frames, fps=info.fps))
         return items
+
+    def _check_frames(self, path: str, indices: Sequence[int], real_roots: Sequence[str]) -> None:
+        """The sampled frames of a frame directory: inside the data root (a frame may be a
+        symlink) and within image.max_pixels, from their headers (nothing decoded here)."""
+        files = list_frame_files(path)
+        for i in indices:
+            real = os.path.realpath(files[i])
+            if not any(is_within(real, r) for r in real_roots):
+                raise SampleError(f"frame {i} of {path} escapes the data root (resolves to {real})", "path_escape")
+        check_frame_headers(path, indices, self.recipe.image.max_pixels)
 
     def _media_ids(self, m: MediaItem) -> List[int]:
         if m.kind == "image":
@@ -179,7 +194,7 @@ class SampleBuilder:
             else:
                 from PIL import Image
 
-                frames = read_frames(m.path, m.indices[:left], m.backend)
+                frames = read_frames(m.path, m.indices[:left], m.backend, im.max_pixels, self.image_size)
                 pictures += [Image.fromarray(f) for f in frames]
             left = doc.num_tiles - len(pictures)
         if len(pictures) != doc.num_tiles:
@@ -189,8 +204,17 @@ class SampleBuilder:
         return tiles_to_uint8(pictures, self.image_size)
 
 
+class DataError(RuntimeError):
+    """The data stops the run (too many bad samples, nothing usable); the message says why."""
+
+
 class DataStats:
-    """Per-dataset counters (seen, used, tokens, dropped, bad by reason) and the first bad reports."""
+    """Per-dataset counters (seen, used, tokens, dropped, bad by reason) and the first bad reports.
+
+    A record is `seen` and judged once by the planner (headers and probes only); a planned record
+    whose media then fail to decode is added with `decode_failed`: it becomes bad under its
+    reason and stops counting as used, so one DataStats holds both kinds of drop.
+    """
 
     BAD_EXEMPT = ("oversize",)  # legitimate data that does not fit: counted, not "bad"
 
@@ -206,6 +230,16 @@ class DataStats:
         self.add(name, f"bad:{reason}")
         if len(self.reports) < self.report_first:
             self.reports.append(f"{location}: {reason}: {message}")
+
+    def decode_failed(self, name: str, reason: str, location: str, message: str, tokens: int) -> None:
+        """A planned (counted as used) record dropped when its media were decoded."""
+        self.bad(name, reason, location, message)
+        self.add(name, "decode_failed")
+        self.add(name, "decode_failed_tokens", tokens)
+
+    def used(self) -> int:
+        """Records trained on: planned ones minus those dropped when decoded."""
+        return self.total("used") - self.total("decode_failed")
 
     def total(self, key: str) -> int:
         return sum(c[key] for c in self.counts.values())
@@ -240,7 +274,9 @@ class DataStats:
 
     def summary(self) -> str:
         seen, bad = self.total("seen"), self.bad_total()
-        lines = [f"samples seen {seen}, used {self.total('used')}, bad {bad} ({bad / max(seen, 1):.2%}), "
+        late = self.total("decode_failed")
+        lines = [f"samples seen {seen}, used {self.used()}, bad {bad} ({bad / max(seen, 1):.2%}"
+                 f"{f', {late} found when decoding' if late else ''}), "
                  f"dropped oversize {self.total('oversize')}, truncated {self.total('truncated')}, "
                  f"fewer frames {self.total('fewer_frames')}"]
         if bad:
@@ -249,8 +285,8 @@ class DataStats:
         return "\n".join(lines)
 
     def check_fraction(self, max_fraction: float, min_samples: int) -> None:
-        """Stop the run (RuntimeError with the summary) when too many samples are bad."""
+        """Stop the run (DataError with the summary) when too many samples are bad."""
         seen, bad = self.total("seen"), self.bad_total()
         if seen >= max(min_samples, 1) and bad / seen > max_fraction:
-            raise RuntimeError(f"bad-sample fraction {bad / seen:.2%} exceeds bad_samples.max_fraction "
-                               f"{max_fraction:.2%} after {seen} samples:\n{self.summary()}")
+            raise DataError(f"bad-sample fraction {bad / seen:.2%} exceeds bad_samples.max_fraction "
+                            f"{max_fraction:.2%} after {seen} samples:\n{self.summary()}")

@@ -14,6 +14,12 @@ Owns the global stream of packed sequences, which is the same on every data-para
    rank r takes micro-batches r, r + dp, ... Its state (stream position, packer buffers of
    indices, counters) is snapshot at every round of dp micro-batches: resuming loads the
    snapshot in O(1), and a different data-parallel size continues the same stream exactly.
+
+A stream that cannot fill a sequence ends with `UnusableDataError` (one line) instead of being
+walked forever: when a whole epoch held no usable record (every record bad or longer than the
+sequence), when `STALL_LIMIT` consecutive records were unusable (huge datasets), or when the
+bad-sample limit is exceeded before anything was usable. With `max_fraction` the planner also
+applies the recipe's bad-sample limit record by record, so it holds before any batch exists.
 """
 from __future__ import annotations
 
@@ -26,11 +32,20 @@ import numpy as np
 
 from megatron_vita.data.packing import Packer, SampleRef
 from megatron_vita.data.recipe import DatasetEntry
-from megatron_vita.data.sample import DataStats
+from megatron_vita.data.sample import DataError, DataStats
 
 # evaluate(ds, rec) -> (ref or None, outcome, location, message)
 #   outcome: ok | truncated | fewer_frames | oversize | bad:<reason>
 Evaluation = Tuple[Optional[SampleRef], str, str, str]
+
+# Consecutive unusable records after which a stream is declared unusable even before a whole
+# epoch was walked: if usable records existed at a rate of 1 in 1000, 10000 in a row would
+# happen with probability e^-10, and such a stream is not worth training on anyway.
+STALL_LIMIT = 10_000
+
+
+class UnusableDataError(DataError):
+    """The stream yields nothing to train on; the message is one line saying why."""
 
 
 def used_count(n: int, entry: DatasetEntry) -> int:
@@ -79,8 +94,16 @@ class Planner:
     """Turns the record stream into packed sequences (lists of SampleRefs)."""
 
     def __init__(self, order: MixtureOrder, names: Sequence[str], evaluate: Callable[[int, int], Evaluation],
-                 packer: Packer, report_first: int = 5, threads: int = 2, lookahead: int = 32):
+                 packer: Packer, report_first: int = 5, threads: int = 2, lookahead: int = 32,
+                 max_fraction: Optional[float] = None, min_samples: int = 0):
         self.order = order
+        self.max_fraction, self.min_samples = max_fraction, min_samples
+        # Unusable records since the last usable one: counts by outcome and the first message.
+        # Transient (not in the state): after a resume the detection merely starts afresh.
+        self._stall: collections.Counter = collections.Counter()
+        self._stall_first = ""
+        # The epoch being walked: whether this planner saw it from its start, and its outcomes.
+        self._epoch = (-1, False, collections.Counter(), False)  # (epoch, from start, counts, usable)
         self.names = list(names)
         self.evaluate = evaluate
         self.packer = packer
@@ -114,15 +137,22 @@ class Planner:
     # ---- the stream ------------------------------------------------------------------------
     def next_pack(self) -> List[SampleRef]:
         while True:
+            position = self.position
             ds, (ref, outcome, location, message) = self._next_evaluation()
             name = self.names[ds]
             self.stats.add(name, "seen")
-            if outcome.startswith("bad:"):
-                self.stats.bad(name, outcome[4:], location, message)
-                continue
+            self._track_epoch(position, ref is not None, outcome)
             if ref is None:
-                self.stats.add(name, outcome)  # "oversize": dropped, counted, not bad
+                if outcome.startswith("bad:"):
+                    self.stats.bad(name, outcome[4:], location, message)
+                else:
+                    self.stats.add(name, outcome)  # "oversize": dropped, counted, not bad
+                self._stall[outcome] += 1
+                self._stall_first = self._stall_first or f"{location}: {message}"
+                self._check_unusable(outcome.startswith("bad:"))
                 continue
+            self._stall.clear()
+            self._stall_first = ""
             if outcome != "ok":
                 self.stats.add(name, outcome)
             self.stats.add(name, "used")
@@ -131,6 +161,44 @@ class Planner:
             if packs:
                 self.packs_emitted += 1
                 return packs[0]
+
+    # ---- a stream with nothing to train on ------------------------------------------------
+    def _track_epoch(self, position: int, usable: bool, outcome: str) -> None:
+        epoch, j = divmod(position, self.order.total)
+        if epoch != self._epoch[0]:
+            self._epoch = (epoch, j == 0, collections.Counter(), False)
+        _, whole, counts, was_usable = self._epoch
+        counts[outcome] += 1
+        self._epoch = (epoch, whole, counts, was_usable or usable)
+        if whole and j == self.order.total - 1 and not (was_usable or usable):
+            raise UnusableDataError(self._explain(counts, f"all {self.order.total} records of the recipe's selection"))
+
+    def _check_unusable(self, bad: bool) -> None:
+        n = sum(self._stall.values())
+        if n >= STALL_LIMIT:
+            raise UnusableDataError(self._explain(self._stall, f"{n} consecutive records of the stream"))
+        if not bad or self.max_fraction is None:
+            return
+        seen, nbad = self.stats.total("seen"), self.stats.bad_total()
+        if seen >= max(self.min_samples, 1) and nbad / seen > self.max_fraction:
+            if self.stats.total("used") == 0:
+                raise UnusableDataError(self._explain(self._stall, f"the first {seen} records of the stream",
+                                                      f"; bad_samples.max_fraction {self.max_fraction:.2%} exceeded"))
+            self.stats.check_fraction(self.max_fraction, self.min_samples)
+
+    def _explain(self, counts, scope: str, extra: str = "") -> str:
+        """One line: why nothing in `scope` can be trained on, by outcome, with the first example."""
+        bad = {k[4:]: v for k, v in counts.items() if k.startswith("bad:")}
+        long = sum(v for k, v in counts.items() if not k.startswith("bad:"))
+        seq = self.packer.seq_length
+        if not bad:
+            why = f"every document is longer than the sequence length {seq} ({scope})"
+        else:
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(bad.items()))
+            why = f"no usable record in {scope}: {sum(bad.values())} bad ({reasons})"
+            if long:
+                why += f", {long} longer than the sequence length {seq}"
+        return f"{why}{extra}; first: {self._stall_first}"
 
     def state_dict(self) -> dict:
         return {"position": self.position, "packs_emitted": self.packs_emitted,
@@ -142,6 +210,9 @@ class Planner:
         self.packer.load_state_dict(d["packer"])
         self.stats.load_state_dict(d["stats"])
         self._ready.clear()
+        self._stall.clear()
+        self._stall_first = ""
+        self._epoch = (-1, False, collections.Counter(), False)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -15,6 +15,7 @@ from megatron_vita.data.loader import RecordEvaluator, build_train_loader
 from megatron_vita.data.recipe import load_recipe
 
 Q = "<image>\nWhat colour is the shape?"
+V = "<video>\nWhere?"
 
 
 def rec(user, answer="red", **media):
@@ -41,6 +42,11 @@ LINES = [  # (expected outcome at planning, JSONL line)
     ("ok", json.dumps({"image": "good.png", "conversations": [{"from": "human", "value": Q},
                                                                {"from": "gpt", "value": "red"}]})),
     ("ok", rec("Say hello.", "hello")),
+    ("bad:path_escape", rec(Q, images=["link.png"])),  # a symlink inside the root to ../outside.png
+    ("bad:path_escape", rec(V, "left", videos=["linkframes"])),  # a frame directory with such a frame
+    ("bad:enormous_image", rec(V, "left", videos=["bigframes"])),  # one frame over image.max_pixels
+    ("ok", rec(Q, images=["truncated.png"])),  # header fine: fails when decoded (in a worker)
+    ("bad:malformed_json", '{"messages": "unterminated'),
 ]
 
 
@@ -55,6 +61,17 @@ def bad_root(tmp_path_factory):
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
     (root / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    (root / "truncated.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    os.symlink(top / "outside.png", root / "link.png")
+    for name in ("linkframes", "bigframes"):
+        (root / name).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(root / name / f"{i}.png")
+    os.remove(root / "linkframes" / "1.png")
+    os.symlink(top / "outside.png", root / "linkframes" / "1.png")
+    Image.fromarray(np.zeros((120, 100, 3), np.uint8)).save(root / "bigframes" / "2.png")  # 12000 > 10000 pixels
     Image.fromarray(np.zeros((200, 200, 3), np.uint8)).save(root / "big.png")
     (root / "empty.mp4").write_bytes(b"")
     (root / "junk.mp4").write_bytes(os.urandom(2048))
@@ -76,9 +93,13 @@ def test_each_kind_is_classified(bad_root, demo_tok, tiny_cfg, cache_dir):
         ref, outcome, loc, msg = ev.evaluate(0, k)
         assert outcome == expected, (k, msg)
         assert loc.endswith(f"data.jsonl:{k + 1}")
-    with pytest.raises(MediaError, match="truncated.jpg") as e:
-        ev.materialize(ev.evaluate(0, 8)[0])
-    assert e.value.reason == "corrupt_image"
+    for k, name in ((8, "truncated.jpg"), (20, "truncated.png")):
+        with pytest.raises(MediaError, match=name) as e:
+            ev.materialize(ev.evaluate(0, k)[0])
+        assert e.value.reason == "corrupt_image"
+    assert "outside.png" in ev.evaluate(0, 17)[3] and "frame 1 of" in ev.evaluate(0, 18)[3]
+    assert "frame 2 of" in ev.evaluate(0, 19)[3] and "100x120 > 10000 pixels" in ev.evaluate(0, 19)[3]
+    assert ev.evaluate(0, 21)[3] == "malformed JSON: Unterminated string starting at: column 14"
     ids, labels, pix = ev.materialize(ev.evaluate(0, 14)[0])
     assert pix.shape == (3, 56, 56, 3)  # 6 frames at 2 fps -> frames 0, 2, 4
     llava, native = ev.materialize(ev.evaluate(0, 15)[0]), ev.materialize(ev.evaluate(0, 0)[0])
@@ -90,26 +111,38 @@ def test_training_counts_reports_and_continues(bad_root, demo_tok, tiny_cfg, cac
     loader = build_train_loader(recipe_path, tokenizer=demo_tok, model_config=tiny_cfg, data_root=root,
                                 cache_dir=cache_dir, num_workers=1, seed=3)
     try:
-        for _ in range(12):
+        trained = []
+        for _ in range(14):
             batch = next(loader)
-            assert batch["tokens"].shape == (1, 128)
+            assert batch["tokens"].shape == (1, 128) and "dropped" not in batch
+            assert batch["num_samples"] == sum(len(row) for row in batch["samples"])
+            trained += [tuple(x) for row in batch["samples"] for x in row]
         st = loader.stats()
+        pending = sum(len(refs) for _, refs in loader.state_dict()["planner"]["packer"]["buffers"])
     finally:
         loader.close()
     from megatron_vita.data.sample import DataStats
 
-    planner = DataStats()
+    planner, combined = DataStats(), DataStats()
     planner.load_state_dict(st["planner"])
-    reasons = planner.bad_by_reason()
+    combined.load_state_dict(st["combined"])
+    reasons = combined.bad_by_reason()
     for outcome, _ in LINES:
         if outcome.startswith("bad:"):
             assert reasons.get(outcome[4:], 0) >= 1, outcome
     assert planner.total("oversize") >= 1 and "oversize" not in reasons
     assert len(planner.reports) == 3 and all("data.jsonl:" in r for r in planner.reports)
+    # The truncated JPEG and PNG (lines 9 and 21) pass planning and fail in the worker: counted as
+    # bad in the same statistics, in the summary, and never among the trained samples.
     decode = DataStats()
-    decode.load_state_dict(st["rank_decode"])
-    assert decode.bad_by_reason() == {"corrupt_image": decode.total("bad:corrupt_image")} and decode.bad_total() >= 1
-    assert "truncated.jpg" in decode.reports[0]
+    decode.load_state_dict(st["decode"])
+    late = decode.total("decode_failed")
+    assert decode.bad_by_reason() == {"corrupt_image": late} and late >= 2
+    assert {r.split(": ")[0].rsplit(":", 1)[1] for r in decode.reports} == {"9", "21"}
+    assert reasons["corrupt_image"] == planner.bad_by_reason().get("corrupt_image", 0) + late
+    assert combined.used() == planner.total("used") - late == len(trained) + pending  # pending: in packer buffers
+    assert (0, 8) not in trained and (0, 20) not in trained and (0, 0) in trained
+    assert "found when decoding" in st["summary"] and f"corrupt_image {reasons['corrupt_image']}" in st["summary"]
 
 
 def test_too_many_bad_samples_stop_with_a_summary(bad_root, demo_tok, tiny_cfg, cache_dir, tmp_path):

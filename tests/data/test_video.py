@@ -103,7 +103,7 @@ def _png_header_only(path, width: int, height: int) -> None:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
 
 
-@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # pytest resets the module filter
 def test_frame_directories_obey_max_pixels_before_decoding(tmp_path):
     d = tmp_path / "clip"
     d.mkdir()
