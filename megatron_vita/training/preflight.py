@@ -13,14 +13,16 @@ the launcher, and raises one ConfigError listing them, one line each naming the 
   be writable now rather than at the first save; `--save` must not silently write over another
   run's checkpoints;
 - what is loaded: the tokenizer against the model, `--init-hf` / `--init-llm` / `--init-vit`
-  (index and headers read, pickles refused), and `--load`'s iteration (every file its
-  metadata names present, the layout change and optimizer state compatible).
+  (index and headers read, pickles refused), `--load`'s iteration (every file its metadata
+  names present, the layout change and optimizer state compatible), and the data: the recipe's
+  stream must fill a first packed sequence (data.loader.check_data).
 
 A training run that passes these still reads data and builds the model in its ranks; what
 fails there is a defect of the code, not of the configuration.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -328,13 +330,14 @@ def model_problems(cfg: TrainConfig, recipe, world_size: int) -> List[str]:
 
     out: List[str] = []
     tokenizer_path = cfg.tokenizer or recipe.resolve(cfg.data_root, recipe.tokenizer or "tokenizer")
-    model_config = None
+    model_config = tokenizer = None
     if not os.path.isdir(tokenizer_path):
         flag = "--tokenizer" if cfg.tokenizer else f"the tokenizer of {recipe.path} under --data-root"
         out.append(f"{flag} {tokenizer_path}: not a directory")
     elif not (cfg.init_hf and not os.path.isdir(cfg.init_hf)):
         try:
-            model_config = resolve_model(cfg, recipe, load_tokenizer(tokenizer_path))
+            tokenizer = load_tokenizer(tokenizer_path)
+            model_config = resolve_model(cfg, recipe, tokenizer)
         except (OSError, ValueError, KeyError) as e:
             out.append(_one_line("--model", str(cfg.model or cfg.init_hf or recipe.model), e))
     if model_config is not None:
@@ -342,8 +345,29 @@ def model_problems(cfg: TrainConfig, recipe, world_size: int) -> List[str]:
         out += layout
         out += batch_problems(cfg, par, world_size)
         out += init_problems(cfg, model_config)
+        out += data_problems(cfg, recipe, tokenizer, model_config)
     out += load_problems(cfg)
     return out
+
+
+def data_problems(cfg: TrainConfig, recipe, tokenizer, model_config) -> List[str]:
+    """The stream fills a first packed sequence at this run's --seq-length (no usable record, or every
+    document longer than the sequence, is found here in seconds rather than by the ranks)."""
+    from megatron_vita.data.loader import check_data
+    from megatron_vita.data.recipe import MIN_SEQ_LENGTH
+
+    if cfg.seq_length is not None and not (isinstance(cfg.seq_length, int) and cfg.seq_length >= MIN_SEQ_LENGTH):
+        return []  # reported as a flag problem
+    run_recipe = dataclasses.replace(recipe, seq_length=cfg.seq_length or recipe.seq_length)
+    try:
+        check_data(run_recipe, tokenizer=tokenizer, model_config=model_config, data_root=cfg.data_root,
+                   seed=cfg.seed)
+    except RuntimeError as e:
+        text = str(e).strip().splitlines()[0]
+        if cfg.seq_length is not None and "longer than the sequence length" in text:
+            return [f"--seq-length {cfg.seq_length}: {text}"]
+        return [f"--recipe {recipe.path} (--data-root {cfg.data_root}): {text}"]
+    return []
 
 
 def check(cfg: TrainConfig, recipe, world_size: int) -> None:

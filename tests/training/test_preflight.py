@@ -1,8 +1,8 @@
 """`train` checks its whole configuration before any rank starts: every problem, one line each.
 
 Flag values, the layout against the model, paths that training writes at its first save or at
-the end, another run's checkpoints in --save, the weights of --init-hf and the iteration --load
-would read are all checked by `build_config` (what the launcher runs before spawning, and each
+the end, another run's checkpoints in --save, the weights of --init-hf, the iteration --load
+would read and whether the data can fill a sequence are all checked by `build_config` (what the launcher runs before spawning, and each
 torchrun process before joining the group). Each case here used to start ranks and end in a
 traceback, crash after training, or silently do the wrong thing.
 """
@@ -137,6 +137,18 @@ def test_save_over_another_runs_checkpoints_needs_load_or_override(demo_data, tm
     # ... restarting at iteration 0 from its weights is not.
     assert _only(_problems(demo_data, "--save", str(run), "--load", str(run), "--finetune"), "--save")
     assert _problems(demo_data, "--override-save") == ["--override-save needs --save"]
+
+
+def test_data_that_cannot_fill_a_sequence_is_refused(demo_data, tmp_path):
+    # The demo recipe's four files, every line unreadable: the ranks would never get a batch.
+    (tmp_path / "train").mkdir()
+    os.symlink(os.path.join(demo_data, "tokenizer"), tmp_path / "tokenizer")
+    for name in ("image_colour", "image_shape", "video_motion", "text"):
+        (tmp_path / "train" / f"{name}.jsonl").write_text("not json\n{broken\n")
+    problems = _problems(str(tmp_path))
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"--recipe {RECIPE} (--data-root {tmp_path}): no usable record in all 8 records"), \
+        problems
 
 
 def _write_iteration(root, iteration):
