@@ -1,10 +1,13 @@
-"""`train` checks its whole configuration before any rank starts: every problem, one line each.
+"""`megatron-vita train` as a user meets it: its checks before any rank starts, and its torchrun path.
 
-Flag values, the layout against the model, paths that training writes at its first save or at
-the end, another run's checkpoints in --save, the weights of --init-hf, the iteration --load
-would read and whether the data can fill a sequence are all checked by `build_config` (what the launcher runs before spawning, and each
-torchrun process before joining the group). Each case here used to start ranks and end in a
-traceback, crash after training, or silently do the wrong thing.
+Checks: flag values, the layout against the model, paths that training writes at its first save
+or at the end, another run's checkpoints in --save, the weights of --init-hf, the iteration --load
+would read and whether the data can fill a sequence are all checked by `build_config` (what the
+launcher runs before spawning, and each torchrun process before joining the group): every
+problem, one line each. Each case here used to start ranks and end in a traceback, crash after
+training, or silently do the wrong thing.
+
+Torchrun (the launcher the example scripts use): `--export-hf` writes the HF export there too.
 """
 import argparse
 import os
@@ -222,3 +225,32 @@ def test_command_prints_every_problem_on_its_own_line(demo_data):
         assert any(line.startswith(f"megatron-vita train: error: {flag}") for line in lines), (flag, lines)
     assert len(lines) == 7, lines  # 3 values + TP 3 against heads, KV groups, ViT heads, MLP widths
     assert "iteration" not in proc.stdout  # no rank started
+
+
+@pytest.mark.timeout(900)
+def test_export_hf_under_torchrun(demo_data, tmp_path):
+    """Two torchrun processes train at TP=2 for one iteration and save; rank 0 then exports, once every
+    rank left the process group: exactly the tensors a conversion of the saved checkpoint gives."""
+    from megatron_vita.checkpoint.convert import convert
+    from megatron_vita.checkpoint.hf_format import HFSource
+
+    save, export, reference = str(tmp_path / "run"), str(tmp_path / "hf"), str(tmp_path / "converted")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "examples/pretrain_vita.py", "--backend", "cpu", "--recipe", "data_recipes/demo.yaml",
+           "--data-root", demo_data, "--stage", "1", "--tensor-model-parallel-size", "2", "--global-batch-size", "2",
+           "--train-iters", "1", "--num-workers", "1", "--save", save, "--export-hf", export]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=850,
+                          env={**os.environ, "MEGATRON_VITA_BACKEND": "cpu"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count(f"> HF export: {export}") == 1, proc.stdout[-3000:]  # rank 0 only
+
+    convert(save, reference, src_format="megatron", dst_format="hf", progress=False, log=lambda *a: None)
+    got, want = HFSource(export), HFSource(reference)
+    try:
+        got.check()
+        assert sorted(got.weight_map) == sorted(want.weight_map)
+        for name in want.weight_map:
+            assert torch.equal(got.read(name), want.read(name)), name
+    finally:
+        got.close()
+        want.close()
