@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from typing import Callable, List, Optional
 
@@ -62,8 +63,25 @@ def _chosen_command(argv: List[str]) -> Optional[str]:
     return next((a for a in argv if a in COMMANDS), None)
 
 
+# argparse only treats "-1" and "-.5" as values; "-1e-3", "-inf" or "-nan" after a flag would be
+# read as an unknown option, so such a value is glued to its flag ("--lr=-1e-3") and the
+# command's own checks can name it.
+_NEGATIVE_VALUE = re.compile(r"^-(\d[\d_]*\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+
+def _glue_negative_values(argv: List[str]) -> List[str]:
+    out: List[str] = []
+    for token in argv:
+        if (out and _NEGATIVE_VALUE.match(token) and out[-1].startswith("--") and "=" not in out[-1]
+                and out[-1] != "--"):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _glue_negative_values(list(sys.argv[1:] if argv is None else argv))
     from megatron_vita.platform import ENV_VAR, BackendUnavailableError, resolve_backend
 
     early, _ = _backend_parent().parse_known_args(argv)

@@ -216,7 +216,7 @@ def test_init_hf_pickle_is_refused_before_any_rank(demo_data, tiny_hf_dir, tmp_p
 def test_command_prints_every_problem_on_its_own_line(demo_data):
     proc = subprocess.run(
         [sys.executable, "-m", "megatron_vita", "train", "--recipe", RECIPE, "--data-root", demo_data, "--stage", "1",
-         "--tensor-model-parallel-size", "3", "--global-batch-size", "0", "--lr=-1e-3", "--train-iters", "-1"],
+         "--tensor-model-parallel-size", "3", "--global-batch-size", "0", "--lr", "-1e-3", "--train-iters", "-1"],
         cwd=REPO, capture_output=True, text=True, timeout=280, env={**os.environ, "MEGATRON_VITA_BACKEND": "cpu"})
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
