@@ -37,6 +37,9 @@ class ParallelConfig:
     # Uneven pipeline stages (Megatron's --decoder-first/last-pipeline-num-layers).
     num_layers_in_first_pipeline_stage: Optional[int] = None
     num_layers_in_last_pipeline_stage: Optional[int] = None
+    # Megatron's --make-vocab-size-divisible-by: embedding/output rows are padded to a multiple of
+    # this times TP. 1 keeps the released 152064 rows unpadded at TP 1/2/4/8 (MindSpeed TP8 layout).
+    make_vocab_size_divisible_by: int = 1
 
     @property
     def tp(self) -> int:
@@ -57,6 +60,21 @@ class ParallelConfig:
     @property
     def model_parallel_size(self) -> int:
         return self.tp * self.pp * self.cp
+
+    def padded_vocab_size(self, vocab_size: int) -> int:
+        """Vocabulary rows of the embedding/output layer: a multiple of the divisor times TP."""
+        multiple = self.make_vocab_size_divisible_by * self.tp
+        return -(-vocab_size // multiple) * multiple
+
+    def describe(self) -> str:
+        """'TP2 PP2 VPP2 CP2 SP' style summary for logs and verify lines."""
+        out = f"TP{self.tp} PP{self.pp}" + (f" VPP{self.vpp}" if self.vpp else "")
+        out += (f" CP{self.cp} ({self.context_parallel_algo})" if self.cp > 1 else "")
+        out += " SP" if self.sequence_parallel else ""
+        first, last = self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage
+        if first is not None or last is not None:
+            out += f" (first stage {first}, last stage {last} layers)"
+        return out
 
     def data_parallel_size(self, world_size: int) -> int:
         if world_size % self.model_parallel_size:
@@ -107,6 +125,8 @@ class ParallelConfig:
                           ("--context-parallel-size", self.cp)]:
             if val < 1:
                 errs.append(f"{flag} must be >= 1 (got {val})")
+        if self.make_vocab_size_divisible_by < 1:
+            errs.append(f"--make-vocab-size-divisible-by must be >= 1 (got {self.make_vocab_size_divisible_by})")
         if errs:
             return errs
         if lm.num_attention_heads % self.tp:
