@@ -5,12 +5,13 @@ projector) are written into the token embeddings at the context-token positions,
 transformers' own Qwen2 decoder runs. Parameter names are the released ones
 (`model.vision_model.*`, `model.vision_projection.*`, Qwen2 names for the LLM), and `forward`
 keeps the released argument names (`images`, `image_indices`, `past_key_values`).
-`context_token_indices` is the convention, shared with the Megatron model, for where a tile's
-features go when `image_indices` is not given.
+Pixel shuffle and where a tile's features go when `image_indices` is not given
+(`context_token_indices`) are the convention shared with the Megatron model
+(models/common/visual_tokens).
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -23,37 +24,7 @@ from transformers.utils import can_return_tuple
 
 from megatron_vita.hf.configuration import LongVITAConfig
 from megatron_vita.hf.vision import InternVisionModel
-
-
-def context_token_indices(input_ids: torch.Tensor, context_ids: Iterable[int], num_image_token: int,
-                          n_tiles: Optional[int] = None) -> torch.LongTensor:
-    """Where each tile's feature tokens go: LongTensor [2, n_tiles, num_image_token].
-
-    Row 0 holds batch indices, row 1 sequence positions. Every position of `input_ids`
-    ([batch, seq]) whose id is one of `context_ids` is taken in row-major (batch, position)
-    order and grouped `num_image_token` per tile, so tile k of `images` fills the k-th group.
-    Raises ValueError when the count is not a whole number of tiles, or not `n_tiles` tiles.
-    """
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-    ids = torch.as_tensor(list(context_ids), dtype=input_ids.dtype, device=input_ids.device)
-    batch, pos = torch.isin(input_ids, ids).nonzero(as_tuple=True)  # row-major order
-    count = batch.numel()
-    expected = None if n_tiles is None else n_tiles * num_image_token
-    if count % num_image_token or (expected is not None and count != expected):
-        want = (f"{n_tiles} tiles x {num_image_token} = {expected}" if expected is not None
-                else f"a multiple of {num_image_token} (tokens per tile)")
-        raise ValueError(f"input_ids hold {count} visual context tokens (ids {sorted(ids.tolist())}), "
-                         f"expected {want}")
-    return torch.stack([batch, pos]).reshape(2, count // num_image_token, num_image_token)
-
-
-def pixel_shuffle(x: torch.Tensor, ratio: float) -> torch.Tensor:
-    """[n, w, h, c] -> [n, w*r, h*r, c/r^2], InternVL's op order (Long-VITA uses r = 0.5)."""
-    n, w, h, c = x.shape
-    x = x.reshape(n, w, int(h * ratio), int(c / ratio)).permute(0, 2, 1, 3)
-    x = x.reshape(n, int(h * ratio), int(w * ratio), int(c / (ratio * ratio)))
-    return x.permute(0, 2, 1, 3).contiguous()
+from megatron_vita.models.common.visual_tokens import context_token_indices, pixel_shuffle
 
 
 class LongVITAProjector(nn.Module):

@@ -13,7 +13,8 @@ import os
 import re
 from typing import Optional, Union
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+# create-tiny's --dtype choices (names of config.dtypes.DTYPES).
+_DTYPE_CHOICES = ("bf16", "fp32")
 # Files this command writes (with the shards); --force replaces them and leaves anything else alone.
 _OWN_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
 _SHARD = re.compile(r"^model-\d+-of-\d+\.safetensors$")
@@ -118,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                         help="model size preset (default: tiny); large presets need matching memory")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight dtype (default: fp32)")
+    parser.add_argument("--dtype", choices=_DTYPE_CHOICES, default="fp32", help="weight dtype (default: fp32)")
     parser.add_argument("--force", action="store_true", help="write into a non-empty OUT, replacing "
                         + ", ".join(_OWN_FILES) + " and the shards")
 
@@ -129,10 +130,9 @@ def run(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{out} exists and is not a directory")
     if os.path.isdir(out) and os.listdir(out) and not args.force:
         raise FileExistsError(f"{out} is not empty; pass --force to overwrite the checkpoint files in it")
-    import torch
+    from megatron_vita.config.dtypes import torch_dtype
 
-    dtype = getattr(torch, DTYPES[args.dtype])
-    create_tiny(out, preset=args.preset, seed=args.seed, dtype=dtype)
+    create_tiny(out, preset=args.preset, seed=args.seed, dtype=torch_dtype(args.dtype))
     shards = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
     print(f"wrote {args.preset} Long-VITA checkpoint ({args.dtype}, seed {args.seed}) to {out}: "
           f"{len(shards)} shards + index, config.json, generation_config.json")

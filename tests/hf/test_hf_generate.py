@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig
 
-from megatron_vita.hf.modeling import context_token_indices
+from megatron_vita.models.common.visual_tokens import context_token_indices
 
 NEW_TOKENS = 6
 

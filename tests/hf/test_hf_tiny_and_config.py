@@ -1,5 +1,6 @@
 """create_tiny / `megatron-vita create-tiny`, LongVITAConfig <-> ModelConfig, Auto registration,
 and the context-token convention (`context_token_indices`)."""
+import ast
 import dataclasses
 import json
 import os
@@ -9,12 +10,14 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+import megatron_vita
 from megatron_vita.cli import main as cli_main
 from megatron_vita.config.model import ModelConfig
 from megatron_vita.hf import register_auto_classes
 from megatron_vita.platform import ENV_VAR
 from megatron_vita.hf.configuration import LongVITAConfig
-from megatron_vita.hf.modeling import LongVITAForCausalLM, LongVITAModel, context_token_indices
+from megatron_vita.hf.modeling import LongVITAForCausalLM, LongVITAModel
+from megatron_vita.models.common.visual_tokens import context_token_indices
 
 
 def _same_model_config(a: ModelConfig, b: ModelConfig) -> bool:
@@ -164,6 +167,25 @@ def test_context_token_indices_count_errors():
         context_token_indices(ids, (7,), num_image_token=2, n_tiles=2)
     with pytest.raises(ValueError, match="batch, seq"):
         context_token_indices(torch.tensor([7, 7]), (7,), num_image_token=2)
+
+
+def _imported_modules(path):
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | \
+        {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+
+def test_visual_token_convention_has_one_home():
+    # The megatron model reads the convention from a torch-only module, never from the HF classes,
+    # and that module (imported by the HF classes) pulls in neither megatron-core nor transformers.
+    package = os.path.dirname(os.path.abspath(megatron_vita.__file__))
+    for root, _, files in os.walk(os.path.join(package, "models")):
+        for name in files:
+            if name.endswith(".py"):
+                hf = {m for m in _imported_modules(os.path.join(root, name)) if m.startswith("megatron_vita.hf")}
+                assert not hf, (os.path.join(root, name), hf)
+    shared = _imported_modules(os.path.join(package, "models", "common", "visual_tokens.py"))
+    assert shared <= {"__future__", "typing", "torch"}, shared
 
 
 def test_forward_rejects_mismatched_tiles(tiny_model):

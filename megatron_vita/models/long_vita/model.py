@@ -24,7 +24,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_vita.config.model import ModelConfig
-from megatron_vita.hf.modeling import context_token_indices
+from megatron_vita.models.common.visual_tokens import context_token_indices
 from megatron_vita.models.language.qwen2 import Qwen2Model
 from megatron_vita.models.projector.projector import VisionProjector
 from megatron_vita.models.vision.internvit import InternViTModel, vision_transformer_config

@@ -18,15 +18,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_vita.config.model import ModelConfig
 from megatron_vita.models.common.norms import LayerNorm
-
-
-def pixel_shuffle(x: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
-    """InternVL's pixel shuffle on [n, w, h, c] -> [n, w*r, h*r, c/r^2] (op order matters)."""
-    n, w, h, c = x.shape
-    x = x.reshape(n, w, int(h * ratio), int(c / ratio))
-    x = x.permute(0, 2, 1, 3).contiguous()
-    x = x.reshape(n, int(h * ratio), int(w * ratio), int(c / (ratio * ratio)))
-    return x.permute(0, 2, 1, 3).contiguous()
+from megatron_vita.models.common.visual_tokens import pixel_shuffle
 
 
 class VisionProjector(MegatronModule):
