@@ -151,11 +151,10 @@ def megatron_logits_rank(rank: int, world: int, cfg_dict: Dict, weights: Tuple[s
 
     cfg = ModelConfig.from_dict(cfg_dict)
     kind, path, divisor = weights
-    par = ParallelConfig(**layout).validate(cfg, world)
+    par = ParallelConfig(**layout, make_vocab_size_divisible_by=divisor).validate(cfg, world)
     info = initialize_parallel(par)
     try:
-        chunks = build_model_chunks(cfg, par, BuildOptions(params_dtype=getattr(torch, DTYPES[dtype]),
-                                                           make_vocab_size_divisible_by=divisor))
+        chunks = build_model_chunks(cfg, par, BuildOptions(params_dtype=getattr(torch, DTYPES[dtype])))
         how = load_checkpoint_weights(chunks, kind, path, cfg, par, divisor)
         results = []
         for inp in inputs:

@@ -94,6 +94,7 @@ class TrainConfig:
             use_distributed_optimizer=self.use_distributed_optimizer,
             num_layers_in_first_pipeline_stage=self.decoder_first_pipeline_num_layers,
             num_layers_in_last_pipeline_stage=self.decoder_last_pipeline_num_layers,
+            make_vocab_size_divisible_by=self.make_vocab_size_divisible_by,
         )
 
     @property

@@ -69,7 +69,6 @@ def setup_model_and_optimizer(cfg: TrainConfig, model_config: ModelConfig, par: 
 
     chunks = build_model_chunks(model_config, par, BuildOptions(
         params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
-        make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
         recompute_granularity=cfg.recompute_granularity, recompute_method=cfg.recompute_method,
         recompute_num_layers=cfg.recompute_num_layers, logits_mask=not cfg.no_logits_mask))
     if cfg.init_hf:

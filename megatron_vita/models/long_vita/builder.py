@@ -19,19 +19,14 @@ from megatron_vita.parallel.state import virtual_pipeline_rank
 
 
 def padded_vocab_size(vocab_size: int, tp: int, make_vocab_size_divisible_by: int = 1) -> int:
-    """Vocabulary rows of the embedding/output layer: a multiple of divisor * TP.
-
-    The default divisor 1 keeps Long-VITA's 152064 rows unpadded at TP 1/2/4/8 (the released
-    MindSpeed TP8 layout); Megatron's usual 128 is available for throughput experiments.
-    """
-    multiple = make_vocab_size_divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
+    """ParallelConfig.padded_vocab_size for callers that hold TP and the divisor separately."""
+    return ParallelConfig(tensor_model_parallel_size=tp,
+                          make_vocab_size_divisible_by=make_vocab_size_divisible_by).padded_vocab_size(vocab_size)
 
 
 @dataclass
 class BuildOptions:
     params_dtype: torch.dtype = torch.float32
-    make_vocab_size_divisible_by: int = 1
     recompute_granularity: Optional[str] = None
     recompute_method: Optional[str] = None
     recompute_num_layers: Optional[int] = None
@@ -68,7 +63,7 @@ def build_model_chunks(
         recompute_granularity=options.recompute_granularity, recompute_method=options.recompute_method,
         recompute_num_layers=options.recompute_num_layers,
     )
-    vocab = padded_vocab_size(model_config.language.vocab_size, par.tp, options.make_vocab_size_divisible_by)
+    vocab = par.padded_vocab_size(model_config.language.vocab_size)
     chunks = []
     for vp in range(par.vpp or 1):
         with virtual_pipeline_rank(vp):
