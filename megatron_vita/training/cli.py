@@ -35,10 +35,8 @@ def build_config(args: argparse.Namespace, world_size: Optional[int] = None) -> 
     stage = args.stage if args.stage is not None else (recipe.stage or None)
     cfg = train_config.merge(args, recipe.training, recipe.path, train_config.stage_defaults(stage))
     cfg.stage, cfg.data_root = stage, data_root
-    if cfg.lr is None:
+    if cfg.optim.lr is None:
         raise ValueError(f"no learning rate: pass --lr, set training.lr in {recipe.path}, or pick --stage 1-4")
-    if cfg.min_lr is None:
-        cfg.min_lr = 0.0
     preflight.check(cfg, recipe, preflight.launch_world_size(cfg) if world_size is None else world_size)
     return cfg
 

@@ -4,6 +4,13 @@ One table (`FLAGS`) declares every training option once: its Megatron flag, type
 same table builds the argparse parser and validates a recipe's `training:` mapping (keys are
 the flag names, with - or _), so a recipe can set anything a flag can. Precedence: command-line
 flag > recipe `training:` > the stage's defaults (Long-VITA's recipe) > the built-in default.
+
+The table is derived from the dataclasses: every TrainConfig field is a flag, except the two
+members that group options for their users, whose fields become flags through one mapping each:
+`parallel` (a ParallelConfig: `PARALLEL_FLAGS` maps Megatron's flag names to its fields) and
+`optim` (an OptimConfig: its fields are the flags' names). `TrainConfig.from_flags` builds a
+config from flag names, `TrainConfig.flag` reads one back, and `to_namespace` gives the flat
+Megatron `args` stored in checkpoints.
 """
 from __future__ import annotations
 
@@ -12,6 +19,37 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 from megatron_vita.config.parallel import ParallelConfig
+
+
+@dataclass
+class OptimConfig:
+    """Adam and its LR schedule: linear warmup from 0, then decay to min_lr (Megatron's flag names)."""
+
+    lr: Optional[float] = None  # peak; None until a flag, the recipe or the stage sets it
+    min_lr: float = 0.0
+    lr_warmup_fraction: float = 0.03
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+# Megatron flag -> ParallelConfig field: the one place the layout flags are translated. The virtual
+# pipeline is given as --num-layers-per-virtual-pipeline-stage (a TrainConfig field), which becomes
+# ParallelConfig's VPP once the model's layer count is known (preflight.training_layout).
+PARALLEL_FLAGS: Dict[str, str] = {
+    "tensor_model_parallel_size": "tensor_model_parallel_size",
+    "pipeline_model_parallel_size": "pipeline_model_parallel_size",
+    "context_parallel_size": "context_parallel_size",
+    "context_parallel_algo": "context_parallel_algo",
+    "sequence_parallel": "sequence_parallel",
+    "use_distributed_optimizer": "use_distributed_optimizer",
+    "decoder_first_pipeline_num_layers": "num_layers_in_first_pipeline_stage",
+    "decoder_last_pipeline_num_layers": "num_layers_in_last_pipeline_stage",
+    "make_vocab_size_divisible_by": "make_vocab_size_divisible_by",
+}
 
 
 @dataclass
@@ -25,36 +63,20 @@ class TrainConfig:
     init_hf: Optional[str] = None  # start from an HF checkpoint, converted on the fly
     init_llm: Optional[str] = None  # or from separate parts: a Qwen2 HF dir ...
     init_vit: Optional[str] = None  # ... and an InternViT-300M HF dir (projector from scratch)
-    # Parallel layout
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
+    # Parallel layout (flags: PARALLEL_FLAGS)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     num_layers_per_virtual_pipeline_stage: Optional[int] = None
-    context_parallel_size: int = 1
-    context_parallel_algo: str = "ring"
-    sequence_parallel: bool = False
-    use_distributed_optimizer: bool = False
-    decoder_first_pipeline_num_layers: Optional[int] = None
-    decoder_last_pipeline_num_layers: Optional[int] = None
     # Batch
     micro_batch_size: int = 1
     global_batch_size: int = 8
     seq_length: Optional[int] = None  # default: the recipe's
-    # Optimizer and schedule (Adam 0.9/0.999, wd 0, clip 1.0, cosine with warmup)
-    lr: Optional[float] = None
-    min_lr: Optional[float] = None
-    lr_warmup_fraction: float = 0.03
-    lr_decay_style: str = "cosine"
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
+    # Optimizer and schedule (flags: OptimConfig's fields)
+    optim: OptimConfig = field(default_factory=OptimConfig)
     vision_lr_mult: Optional[float] = None
     vision_layer_decay: Optional[float] = None
     train_iters: int = 100
     seed: int = 1234
     bf16: bool = False
-    make_vocab_size_divisible_by: int = 1
     no_logits_mask: bool = False
     # Memory
     recompute_granularity: Optional[str] = None
@@ -82,24 +104,56 @@ class TrainConfig:
     freeze_projector: Optional[bool] = None
     freeze_language: Optional[bool] = None
 
-    @property
-    def parallel(self) -> ParallelConfig:
-        return ParallelConfig(
-            tensor_model_parallel_size=self.tensor_model_parallel_size,
-            pipeline_model_parallel_size=self.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=None,  # resolved against the layer count by the loop
-            context_parallel_size=self.context_parallel_size,
-            context_parallel_algo=self.context_parallel_algo,
-            sequence_parallel=self.sequence_parallel,
-            use_distributed_optimizer=self.use_distributed_optimizer,
-            num_layers_in_first_pipeline_stage=self.decoder_first_pipeline_num_layers,
-            num_layers_in_last_pipeline_stage=self.decoder_last_pipeline_num_layers,
-            make_vocab_size_divisible_by=self.make_vocab_size_divisible_by,
-        )
+    @classmethod
+    def from_flags(cls, **values: Any) -> "TrainConfig":
+        """A config from option values keyed by flag name (tensor_model_parallel_size, lr, ...)."""
+        own: Dict[str, Any] = {}
+        members: Dict[str, Dict[str, Any]] = {"parallel": {}, "optim": {}}
+        for name, value in values.items():
+            if name not in FLAGS:
+                raise TypeError(f"unknown training option '{name}'")
+            flag = FLAGS[name]
+            (members[flag.member] if flag.member else own)[flag.attr] = value
+        return cls(**own, parallel=ParallelConfig(**members["parallel"]), optim=OptimConfig(**members["optim"]))
+
+    def flag(self, name: str) -> Any:
+        """The value of the option with this flag name."""
+        flag = FLAGS[name]
+        return getattr(getattr(self, flag.member) if flag.member else self, flag.attr)
 
     @property
     def world_size(self) -> int:
         return self.nproc_per_node or self.parallel.model_parallel_size
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One training option: `--name` on the command line, `name` in a recipe; held at
+    TrainConfig.<attr>, or TrainConfig.<member>.<attr>."""
+
+    name: str
+    member: Optional[str]  # None, "parallel" or "optim"
+    attr: str
+    type: str  # as the dataclass declares it: "int", "Optional[float]", "bool", ...
+
+
+def _flag_table() -> Dict[str, Flag]:
+    table: Dict[str, Flag] = {}
+    member_fields = {"parallel": {f.name: f for f in fields(ParallelConfig)},
+                     "optim": {f.name: f for f in fields(OptimConfig)}}
+    for f in fields(TrainConfig):
+        if f.name == "parallel":
+            for name, attr in PARALLEL_FLAGS.items():
+                table[name] = Flag(name, "parallel", attr, str(member_fields["parallel"][attr].type))
+        elif f.name == "optim":
+            for name, g in member_fields["optim"].items():
+                table[name] = Flag(name, "optim", name, str(g.type))
+        else:
+            table[f.name] = Flag(f.name, None, f.name, str(f.type))
+    return table
+
+
+FLAGS: Dict[str, Flag] = _flag_table()
 
 
 HELP: Dict[str, str] = {
@@ -141,7 +195,7 @@ HELP: Dict[str, str] = {
 
 # Other spellings of a flag (Megatron-LM's names).
 ALIASES: Dict[str, List[str]] = {"load_iteration": ["--ckpt-step"]}
-BOOL_FLAGS = {f.name for f in fields(TrainConfig) if f.type in ("bool", "Optional[bool]")}
+BOOL_FLAGS = {f.name for f in FLAGS.values() if f.type in ("bool", "Optional[bool]")}
 STAGE_OWNED = {"lr", "min_lr", "vision_lr_mult", "vision_layer_decay", "freeze_vision", "freeze_projector",
                "freeze_language"}
 
@@ -151,10 +205,10 @@ def _flag(name: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Every TrainConfig field as a Megatron-style flag; defaults stay None so sources can merge."""
+    """Every option of FLAGS as a Megatron-style flag; defaults stay None so sources can merge."""
     types = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float,
              "Optional[str]": str}
-    for f in fields(TrainConfig):
+    for f in FLAGS.values():
         help_text = HELP.get(f.name, "")
         names = [_flag(f.name), *ALIASES.get(f.name, [])]
         if f.name in BOOL_FLAGS:
@@ -165,9 +219,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _coerce(name: str, value: Any, where: str) -> Any:
-    f = next((f for f in fields(TrainConfig) if f.name == name), None)
+    f = FLAGS.get(name)
     if f is None:
-        known = ", ".join(sorted(_flag(x.name)[2:] for x in fields(TrainConfig)))
+        known = ", ".join(sorted(_flag(x)[2:] for x in FLAGS))
         raise ValueError(f"{where}: unknown training option '{name}' (known: {known})")
     kind = f.type.replace("Optional[", "").rstrip("]")
     if value is None:
@@ -192,23 +246,23 @@ def merge(cli: argparse.Namespace, recipe_training: Dict[str, Any], recipe_path:
         values[name] = _coerce(name, value, f"{recipe_path}:{line}" if line else recipe_path)
     for name, value in stage_defaults.items():
         values.setdefault(name, value)
-    for f in fields(TrainConfig):
-        flag_value = getattr(cli, f.name, None)
+    for name in FLAGS:
+        flag_value = getattr(cli, name, None)
         if flag_value is not None:
-            values[f.name] = flag_value
-    return TrainConfig(**{k: v for k, v in values.items() if v is not None})
+            values[name] = flag_value
+    return TrainConfig.from_flags(**{k: v for k, v in values.items() if v is not None})
 
 
 def to_namespace(cfg: TrainConfig) -> argparse.Namespace:
-    """The Megatron-style `args` Namespace stored in checkpoints."""
-    return argparse.Namespace(**{f.name: getattr(cfg, f.name) for f in fields(cfg)})
+    """The Megatron-style `args` Namespace stored in checkpoints: every option under its flag name."""
+    return argparse.Namespace(**{name: cfg.flag(name) for name in FLAGS})
 
 
 def flags_of(cfg: TrainConfig, names: List[str]) -> List[str]:
     """Command-line flags reproducing the given fields (for spawning ranks or printing a launch line)."""
     out: List[str] = []
     for name in names:
-        value = getattr(cfg, name)
+        value = cfg.flag(name)
         if value is None or value is False:
             continue
         out += [_flag(name)] if value is True else [_flag(name), str(value)]

@@ -36,16 +36,6 @@ def resolve_model(cfg: TrainConfig, recipe, tokenizer) -> ModelConfig:
     return model.validate()
 
 
-def _layout(cfg: TrainConfig, model: ModelConfig, world: int) -> ParallelConfig:
-    from megatron_vita.config.parallel import ConfigError
-    from megatron_vita.training.preflight import training_layout
-
-    par, problems = training_layout(cfg, model, world)  # checked before launch too; guards direct callers
-    if problems:
-        raise ConfigError(problems)
-    return par
-
-
 def _micro_batches_per_step(cfg: TrainConfig, dp: int) -> int:
     per_step = cfg.micro_batch_size * dp
     if cfg.global_batch_size < 1 or cfg.global_batch_size % per_step:
@@ -64,8 +54,7 @@ def setup_model_and_optimizer(cfg: TrainConfig, model_config: ModelConfig, par: 
     from megatron_vita.checkpoint.model_io import PartsSource, load_hf_weights
     from megatron_vita.models.long_vita.builder import BuildOptions, build_model_chunks
     from megatron_vita.training.engine import wrap_ddp
-    from megatron_vita.training.optimizer import (OptimConfig, assign_vision_lr_multipliers, build_optimizer,
-                                                  build_scheduler)
+    from megatron_vita.training.optimizer import assign_vision_lr_multipliers, build_optimizer, build_scheduler
 
     chunks = build_model_chunks(model_config, par, BuildOptions(
         params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
@@ -82,12 +71,9 @@ def setup_model_and_optimizer(cfg: TrainConfig, model_config: ModelConfig, par: 
         chunk.freeze(vision=bool(cfg.freeze_vision), projector=bool(cfg.freeze_projector),
                      language=bool(cfg.freeze_language))
     assign_vision_lr_multipliers(chunks, cfg.vision_lr_mult or 1.0, cfg.vision_layer_decay or 1.0)
-    ddp = wrap_ddp(chunks, cfg.use_distributed_optimizer)
-    optim = OptimConfig(lr=cfg.lr, min_lr=cfg.min_lr or 0.0, weight_decay=cfg.weight_decay,
-                        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
-                        clip_grad=cfg.clip_grad, use_distributed_optimizer=cfg.use_distributed_optimizer, bf16=cfg.bf16)
-    optimizer = build_optimizer(ddp, optim)
-    scheduler = build_scheduler(optimizer, optim, cfg.train_iters, cfg.lr_warmup_fraction, cfg.lr_decay_style)
+    ddp = wrap_ddp(chunks, par.use_distributed_optimizer)
+    optimizer = build_optimizer(ddp, cfg.optim, use_distributed_optimizer=par.use_distributed_optimizer, bf16=cfg.bf16)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train_iters)
     return ddp, optimizer, scheduler
 
 
@@ -101,6 +87,7 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
     from megatron_vita.training import checkpointing
     from megatron_vita.training.engine import train_step
     from megatron_vita.training.monitor import TrainLogger
+    from megatron_vita.training.preflight import run_layout
 
     plat = platform.current()
     world = torch.distributed.get_world_size()
@@ -109,7 +96,7 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
         recipe.seq_length = cfg.seq_length
     tokenizer = load_tokenizer(cfg.tokenizer or recipe.resolve(cfg.data_root, recipe.tokenizer or "tokenizer"))
     model_config = resolve_model(cfg, recipe, tokenizer)
-    par = _layout(cfg, model_config, world)
+    par = run_layout(cfg, model_config, world)  # checked before launch too; guards direct callers
     info = initialize_parallel(par, cfg.seed)
     n_micro = _micro_batches_per_step(cfg, info.dp_size)
     try:

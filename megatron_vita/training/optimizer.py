@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
 import torch
@@ -20,20 +19,9 @@ from megatron.core import optimizer as megatron_optimizer
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_vita.training.config import OptimConfig
+
 _VIT_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-5
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    use_distributed_optimizer: bool = False
-    bf16: bool = False
 
 
 def vision_lr_multipliers(vision_model: torch.nn.Module, num_layers: int, lr_mult: float,
@@ -83,26 +71,25 @@ def _per_parameter_lr_groups():
         megatron_optimizer._get_param_groups = original
 
 
-def build_optimizer(ddp_chunks: Sequence[torch.nn.Module], optim: OptimConfig):
-    """megatron's Adam (distributed or not), with per-parameter LR multipliers honoured."""
+def build_optimizer(ddp_chunks: Sequence[torch.nn.Module], optim: OptimConfig, use_distributed_optimizer: bool = False,
+                    bf16: bool = False):
+    """megatron's Adam (distributed or not: the layout's choice), with per-parameter LR multipliers honoured."""
     config = OptimizerConfig(
         optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
         adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
-        clip_grad=optim.clip_grad, bf16=optim.bf16,
-        params_dtype=torch.bfloat16 if optim.bf16 else torch.float32,
-        use_distributed_optimizer=optim.use_distributed_optimizer,
+        clip_grad=optim.clip_grad, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=use_distributed_optimizer,
     )
     with _per_parameter_lr_groups():
         return get_megatron_optimizer(config, list(ddp_chunks))
 
 
-def build_scheduler(optimizer, optim: OptimConfig, train_iters: int, warmup_fraction: float,
-                    decay_style: str = "cosine") -> OptimizerParamScheduler:
+def build_scheduler(optimizer, optim: OptimConfig, train_iters: int) -> OptimizerParamScheduler:
     """Warmup (linear from 0) then decay to min_lr over the run, stepped once per iteration."""
-    warmup = int(round(warmup_fraction * train_iters))
+    warmup = int(round(optim.lr_warmup_fraction * train_iters))
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr, lr_warmup_steps=warmup,
-        lr_decay_steps=max(train_iters, warmup + 1), lr_decay_style=decay_style,
+        lr_decay_steps=max(train_iters, warmup + 1), lr_decay_style=optim.lr_decay_style,
         start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=max(train_iters, 1),
         wd_incr_style="constant", use_checkpoint_opt_param_scheduler=True,
         override_opt_param_scheduler=False,

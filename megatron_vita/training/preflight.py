@@ -50,14 +50,14 @@ def number_problems(cfg: TrainConfig) -> List[str]:
     out: List[str] = []
 
     def at_least(name: str, low: int, optional: bool = False) -> None:
-        value = getattr(cfg, name)
+        value = cfg.flag(name)
         if (value is None and optional) or (value is not None and value >= low):
             return
         out.append(f"{_flag(name)} {value}: expected an integer >= {low}")
 
     def finite(name: str, low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False,
                optional: bool = False) -> None:
-        value = getattr(cfg, name)
+        value = cfg.flag(name)
         if value is None and optional:
             return
         ok = value is not None and math.isfinite(value) and (value > low if low_open else value >= low) and \
@@ -79,8 +79,9 @@ def number_problems(cfg: TrainConfig) -> List[str]:
     at_least("make_vocab_size_divisible_by", 1)
     finite("lr", 0.0)
     finite("min_lr", 0.0, optional=True)
-    if cfg.min_lr is not None and cfg.lr is not None and math.isfinite(cfg.lr) and cfg.min_lr > cfg.lr >= 0:
-        out.append(f"--min-lr {cfg.min_lr}: larger than --lr {cfg.lr} (the schedule decays from --lr to --min-lr)")
+    lr, min_lr = cfg.optim.lr, cfg.optim.min_lr
+    if min_lr is not None and lr is not None and math.isfinite(lr) and min_lr > lr >= 0:
+        out.append(f"--min-lr {min_lr}: larger than --lr {lr} (the schedule decays from --lr to --min-lr)")
     finite("lr_warmup_fraction", 0.0, 1.0)
     finite("weight_decay", 0.0)
     finite("adam_beta1", 0.0, 1.0, high_open=True)
@@ -89,8 +90,8 @@ def number_problems(cfg: TrainConfig) -> List[str]:
     finite("clip_grad", 0.0)
     finite("vision_lr_mult", 0.0, optional=True)
     finite("vision_layer_decay", 0.0, low_open=True, optional=True)
-    if cfg.lr_decay_style not in LR_DECAY_STYLES:
-        out.append(f"--lr-decay-style {cfg.lr_decay_style!r}: expected one of {', '.join(LR_DECAY_STYLES)}")
+    if cfg.optim.lr_decay_style not in LR_DECAY_STYLES:
+        out.append(f"--lr-decay-style {cfg.optim.lr_decay_style!r}: expected one of {', '.join(LR_DECAY_STYLES)}")
     if cfg.seq_length is not None:
         from megatron_vita.data.recipe import check_seq_length
 
@@ -242,7 +243,8 @@ def path_problems(cfg: TrainConfig) -> List[str]:
 
 
 def training_layout(cfg: TrainConfig, model_config, world_size: int) -> Tuple[ParallelConfig, List[str]]:
-    """The run's ParallelConfig (VPP resolved from --num-layers-per-virtual-pipeline-stage) and its problems."""
+    """The run's ParallelConfig (cfg.parallel with VPP resolved from --num-layers-per-virtual-pipeline-stage)
+    and its problems."""
     par = cfg.parallel
     problems: List[str] = []
     per_vchunk = cfg.num_layers_per_virtual_pipeline_stage
@@ -252,7 +254,7 @@ def training_layout(cfg: TrainConfig, model_config, world_size: int) -> Tuple[Pa
             problems.append(f"--num-layers-per-virtual-pipeline-stage {per_vchunk} does not divide the {per_rank} "
                             f"LLM layers per pipeline stage (--pipeline-model-parallel-size {par.pp})")
         else:
-            par.virtual_pipeline_model_parallel_size = per_rank // per_vchunk
+            par = dataclasses.replace(par, virtual_pipeline_model_parallel_size=per_rank // per_vchunk)
     problems += par.problems(model_config, world_size)
     layers = cfg.recompute_num_layers
     if layers and cfg.recompute_granularity == "full" and par.pp >= 1 and \
@@ -264,6 +266,14 @@ def training_layout(cfg: TrainConfig, model_config, world_size: int) -> Tuple[Pa
         problems.append(f"--context-parallel-size {par.cp}: context parallelism is not implemented yet (stages 3-4 "
                         "of the released recipe use CP 2 / 8); run with --context-parallel-size 1")
     return par, problems
+
+
+def run_layout(cfg: TrainConfig, model_config, world_size: int) -> ParallelConfig:
+    """training_layout for a run about to build its model: ConfigError (every problem) unless it fits."""
+    par, problems = training_layout(cfg, model_config, world_size)
+    if problems:
+        raise ConfigError(problems)
+    return par
 
 
 def batch_problems(cfg: TrainConfig, par: ParallelConfig, world_size: int) -> List[str]:

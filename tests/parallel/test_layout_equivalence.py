@@ -21,7 +21,8 @@ def _run_layouts(rank, world, hf_dir, layouts):
     from megatron_vita.models.long_vita.builder import build_model_chunks
     from megatron_vita.parallel.state import parallel_layout
     from megatron_vita.training.engine import train_step, wrap_ddp
-    from megatron_vita.training.optimizer import OptimConfig, build_optimizer
+    from megatron_vita.training.config import OptimConfig
+    from megatron_vita.training.optimizer import build_optimizer
 
     cfg = ModelConfig.from_hf_dir(hf_dir)
     batch = multimodal_batch(cfg, seq_len=32)
@@ -34,7 +35,7 @@ def _run_layouts(rank, world, hf_dir, layouts):
             chunks = build_model_chunks(cfg, par)
             load_hf_weights(chunks, HFSource(hf_dir), cfg, par)
             ddp = wrap_ddp(chunks, use_distributed_optimizer=distopt)
-            optimizer = build_optimizer(ddp, OptimConfig(lr=1e-3, use_distributed_optimizer=distopt))
+            optimizer = build_optimizer(ddp, OptimConfig(lr=1e-3), use_distributed_optimizer=distopt)
             per_rank = len(batch) // info.dp_size
             mine = batch[info.dp_rank * per_rank:(info.dp_rank + 1) * per_rank]
             results[name] = [train_step(ddp, optimizer, mine) for _ in range(STEPS)]

@@ -30,7 +30,7 @@ def _save_and_load(rank, world, hf_dir, root, poison):
     from mv_testlib import multimodal_batch
 
     model_config = ModelConfig.from_hf_dir(hf_dir)
-    cfg = TrainConfig(init_hf=hf_dir, train_iters=2, **stage_defaults(1))
+    cfg = TrainConfig.from_flags(init_hf=hf_dir, train_iters=2, **stage_defaults(1))
     par = ParallelConfig()
     with parallel_layout(par):
         ddp, optimizer, scheduler = setup_model_and_optimizer(cfg, model_config, par)

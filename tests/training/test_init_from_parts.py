@@ -38,7 +38,7 @@ def _rank(rank, world, hf_dir, llm_dir, vit_dir):
     cfg_model = ModelConfig.from_hf_dir(hf_dir)
     out = {}
     for name, init in (("whole", dict(init_hf=hf_dir)), ("parts", dict(init_llm=llm_dir, init_vit=vit_dir))):
-        cfg = TrainConfig(train_iters=2, **init, **stage_defaults(1))
+        cfg = TrainConfig.from_flags(train_iters=2, **init, **stage_defaults(1))
         with parallel_layout(ParallelConfig(tensor_model_parallel_size=2)):
             ddp, _, _ = setup_model_and_optimizer(cfg, cfg_model, ParallelConfig(tensor_model_parallel_size=2))
             out[name] = {n: p.detach().clone() for n, p in ddp[0].module.named_parameters()}

@@ -27,7 +27,7 @@ def _rank(rank, world, hf_dir):
     batch = multimodal_batch(model_config, seq_len=32)
     out = {}
     for stage in (1, 2, 3):
-        cfg = TrainConfig(init_hf=hf_dir, train_iters=10, lr_warmup_fraction=0.0, **stage_defaults(stage))
+        cfg = TrainConfig.from_flags(init_hf=hf_dir, train_iters=10, lr_warmup_fraction=0.0, **stage_defaults(stage))
         par = ParallelConfig()
         with parallel_layout(par):
             ddp, optimizer, scheduler = setup_model_and_optimizer(cfg, model_config, par)

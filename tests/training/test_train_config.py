@@ -37,9 +37,9 @@ def test_precedence_flag_over_recipe_over_stage(tmp_path, demo_data):
                      tokenizer=f"{demo_data}/tokenizer")
     cfg = build_config(_parse("--recipe", recipe, "--data-root", str(tmp_path), "--global-batch-size", "4"))
     assert cfg.global_batch_size == 4           # flag beats recipe
-    assert cfg.lr == 3e-4                        # recipe beats the stage default (stage 1: 1e-3)
-    assert cfg.min_lr == 1e-5                    # stage default fills the gap
-    assert cfg.tensor_model_parallel_size == 2   # underscores accepted too
+    assert cfg.optim.lr == 3e-4                  # recipe beats the stage default (stage 1: 1e-3)
+    assert cfg.optim.min_lr == 1e-5              # stage default fills the gap
+    assert cfg.parallel.tensor_model_parallel_size == 2  # underscores accepted too
     assert cfg.freeze_vision and cfg.freeze_language and not cfg.freeze_projector  # stage 1
 
 
@@ -79,5 +79,29 @@ def test_released_stage_recipes_carry_the_released_layouts():
     for stage, (tp, cp, gbs, lr) in expect.items():
         r = load_recipe(f"data_recipes/stage{stage}.yaml")
         cfg = tc.merge(argparse.Namespace(), r.training, r.path, tc.stage_defaults(stage))
-        assert (cfg.tensor_model_parallel_size, cfg.context_parallel_size, cfg.global_batch_size, cfg.lr) == \
+        assert (cfg.parallel.tp, cfg.parallel.cp, cfg.global_batch_size, cfg.optim.lr) == \
             (tp, cp, gbs, lr), stage
+
+
+def test_each_flag_has_one_home_and_round_trips(tmp_path):
+    from megatron_vita.config import ParallelConfig, resolve_model_config
+    from megatron_vita.data.recipe import load_recipe
+    from megatron_vita.training.preflight import training_layout
+
+    # Recipe keys and flags fill the one ParallelConfig / OptimConfig of the run.
+    r = load_recipe(_recipe(tmp_path, "decoder-first-pipeline-num-layers: 1\nmake_vocab_size_divisible_by: 64\n"
+                                      "adam-beta2: 0.95\nlr-decay-style: linear\n"))
+    args = _parse("--recipe", r.path, "--pipeline-model-parallel-size", "2", "--use-distributed-optimizer")
+    cfg = tc.merge(args, r.training, r.path, tc.stage_defaults(1))
+    assert cfg.parallel == ParallelConfig(pipeline_model_parallel_size=2, use_distributed_optimizer=True,
+                                          num_layers_in_first_pipeline_stage=1, make_vocab_size_divisible_by=64)
+    assert (cfg.optim.adam_beta2, cfg.optim.lr_decay_style, cfg.optim.lr) == (0.95, "linear", 1e-3)
+    # Every option is read back under its flag name, and checkpoints store exactly the parser's names.
+    assert set(vars(tc.to_namespace(cfg))) == set(vars(args)) == set(tc.FLAGS)
+    assert tc.TrainConfig.from_flags(**{name: cfg.flag(name) for name in tc.FLAGS}) == cfg
+    with pytest.raises(TypeError, match="unknown training option 'learning_rate'"):
+        tc.TrainConfig.from_flags(learning_rate=1.0)
+    # The virtual pipeline is resolved against the model into the run's layout, not into cfg.parallel.
+    cfg = tc.TrainConfig.from_flags(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1)
+    par, problems = training_layout(cfg, resolve_model_config("tiny"), world_size=2)
+    assert problems == [] and par.vpp == 2 and cfg.parallel.vpp is None  # tiny: 4 layers, 2 per pipeline stage
