@@ -29,71 +29,8 @@ import shutil
 from contextlib import contextmanager
 from typing import Callable, Optional
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
-
-def _dtype(name: Optional[str]):
-    import torch
-
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise ValueError(f"--dtype {name!r}: choose one of {sorted(DTYPES)}")
-    return getattr(torch, DTYPES[name])
-
-
-def megatron_format_of(path: str) -> str:
-    """'torch_dist' or 'legacy' for a Megatron save root or iteration directory."""
-    from megatron_vita.checkpoint.megatron_layout import parse_rank_dir, resolve_iteration_dir
-
-    iter_dir, _ = resolve_iteration_dir(path)
-    if os.path.isfile(os.path.join(iter_dir, ".metadata")):
-        return "torch_dist"
-    if any(parse_rank_dir(n) for n in os.listdir(iter_dir)):
-        return "legacy"
-    raise FileNotFoundError(f"{iter_dir} holds neither a torch_dist checkpoint (.metadata) nor mp_rank_* directories")
-
-
-def _model_config(spec: Optional[str]):
-    if spec is None:
-        return None
-    from megatron_vita.config.model import resolve_model_config
-
-    return resolve_model_config(spec)
-
-
-def _config_mismatch(where: str, found, given) -> None:
-    a, b = found.to_hf_dict(), given.to_hf_dict()
-    diffs = [f"{k}: checkpoint {a.get(k)!r} vs --model {b.get(k)!r}" for k in sorted(set(a) | set(b))
-             if a.get(k) != b.get(k) and k != "torch_dtype"]
-    if diffs:
-        raise ValueError(f"config mismatch between {where} and --model:\n  " + "\n  ".join(diffs))
-
-
-def open_source(kind: str, path: str, model: Optional[str] = None):
-    """A conversion source: HFSource, LegacySource or DistSource, its names/shapes checked."""
-    from megatron_vita.checkpoint.hf_format import HFSource, model_shapes
-
-    given = _model_config(model)
-    if kind == "hf":
-        src = HFSource(path)
-        if given is not None:
-            _config_mismatch(f"{path}/config.json", src.cfg, given)
-        src.check()
-        return src
-    if kind != "megatron":
-        raise ValueError(f"--from {kind!r}: use hf or megatron")
-    fmt = megatron_format_of(path)
-    if fmt == "torch_dist":
-        from megatron_vita.checkpoint.dist_format import DistSource as cls
-    else:
-        from megatron_vita.checkpoint.legacy_format import LegacySource as cls
-    src = cls(path, given)
-    if given is not None and src.stored_cfg is not None:
-        _config_mismatch(f"the model_config stored in {path}", src.stored_cfg, given)
-    _, full_shapes = model_shapes(src.cfg)
-    src.check(full_shapes)
-    return src
+from megatron_vita.config.dtypes import DTYPES, torch_dtype
+from megatron_vita.config.parallel import ParallelConfig
 
 
 # What a checkpoint of either target format consists of. `--force` replaces these entries of an
@@ -237,17 +174,16 @@ def _progress(total_bytes: int, total_tensors: int, enabled: bool):
                 disable=not enabled, dynamic_ncols=True, postfix={"tensors": f"0/{total_tensors}"})
 
 
-def convert(src: str, dst: str, src_format: str = "hf", dst_format: str = "megatron", *, tp: int = 1, pp: int = 1,
-            vpp: Optional[int] = None, first_stage_layers: Optional[int] = None,
-            last_stage_layers: Optional[int] = None, make_vocab_size_divisible_by: int = 1,
-            megatron_format: str = "torch_dist", names: str = "mcore", dtype: Optional[str] = None,
+def convert(src: str, dst: str, src_format: str = "hf", dst_format: str = "megatron", *,
+            layout: Optional[ParallelConfig] = None, megatron_format: str = "torch_dist", names: str = "mcore",
+            dtype: Optional[str] = None,
             force: bool = False, verify: bool = False, model: Optional[str] = None, tokenizer: Optional[str] = None,
             iteration: Optional[int] = None, max_shard_size: Optional[int] = None, progress: bool = True,
             on_tensor: Optional[Callable[[str, int], None]] = None, log=print) -> dict:
     """Convert `src` (format `src_format`: hf | megatron) to `dst` (`dst_format`).
 
-    Megatron targets take the layout (tp, pp, vpp, uneven first/last stage, vocab divisor),
-    `megatron_format` (torch_dist | legacy) and `names` (mcore | mindspeed | te; torch_dist
+    Megatron targets take the `layout` (TP, PP, VPP, uneven first/last stage, vocab divisor;
+    default TP1 PP1), `megatron_format` (torch_dist | legacy) and `names` (mcore | mindspeed | te; torch_dist
     accepts all three, training loads mcore). `dtype` (bf16 | fp16 | fp32) casts, default: the
     source's. HF targets copy tokenizer/processor files from `tokenizer` (default: the HF source
     or the --model directory). `on_tensor(name, bytes)` is called as each tensor is handed to the
@@ -259,12 +195,8 @@ def convert(src: str, dst: str, src_format: str = "hf", dst_format: str = "megat
     import torch
 
     from megatron_vita.checkpoint.hf_format import DEFAULT_MAX_SHARD, HFWriter, model_shapes
-    from megatron_vita.checkpoint.megatron_layout import (
-        MegatronLayout,
-        iteration_dir_name,
-        ordered_params,
-        write_tracker,
-    )
+    from megatron_vita.checkpoint.megatron_layout import iteration_dir_name, ordered_params, write_tracker
+    from megatron_vita.checkpoint.sources import open_source
 
     if dst_format not in ("hf", "megatron"):
         raise ValueError(f"--to {dst_format!r}: use hf or megatron")
@@ -278,13 +210,13 @@ def convert(src: str, dst: str, src_format: str = "hf", dst_format: str = "megat
     if src_real == dst_real or src_real.startswith(dst_real + os.sep) or dst_real.startswith(src_real + os.sep):
         raise ValueError(f"--output {dst} overlaps --input {src}; write the conversion somewhere else")
     check_output(dst, force)
-    cast = _dtype(dtype)
+    cast = torch_dtype(dtype) if dtype is not None else None
     source = open_source(src_format, src, model)
     cfg = source.cfg
     try:
         params = ordered_params(cfg)
         _, full_shapes = model_shapes(cfg)
-        layout = MegatronLayout(tp, pp, vpp, first_stage_layers, last_stage_layers, make_vocab_size_divisible_by)
+        layout = layout if layout is not None else ParallelConfig()
         if dst_format == "megatron":
             layout.validate(cfg)
         it = iteration if iteration is not None else (getattr(source, "iteration", None) or 0)
@@ -404,10 +336,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def layout_of(args: argparse.Namespace) -> ParallelConfig:
+    """The Megatron target layout the flags describe."""
+    return ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+                          virtual_pipeline_model_parallel_size=args.vpp,
+                          num_layers_in_first_pipeline_stage=args.first_stage_layers,
+                          num_layers_in_last_pipeline_stage=args.last_stage_layers,
+                          make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+
+
 def run(args: argparse.Namespace) -> int:
-    convert(args.input, args.output, args.src_format, args.dst_format, tp=args.tp, pp=args.pp, vpp=args.vpp,
-            first_stage_layers=args.first_stage_layers, last_stage_layers=args.last_stage_layers,
-            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, megatron_format=args.megatron_format,
+    convert(args.input, args.output, args.src_format, args.dst_format, layout=layout_of(args),
+            megatron_format=args.megatron_format,
             names=args.names, dtype=args.dtype, force=args.force, verify=args.verify, model=args.model,
             tokenizer=args.tokenizer, iteration=args.iteration, max_shard_size=args.max_shard_size,
             progress=not args.no_progress)

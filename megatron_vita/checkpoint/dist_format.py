@@ -41,9 +41,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from megatron_vita.checkpoint import mapping
-from megatron_vita.checkpoint.megatron_layout import MegatronLayout, megatron_args, resolve_iteration_dir
+from megatron_vita.checkpoint.megatron_layout import layout_from_args, megatron_args, resolve_iteration_dir
 from megatron_vita.checkpoint.safe_load import UnsafeCheckpointError, load_weights_only
+from megatron_vita.checkpoint.tensor_kinds import narrow
 from megatron_vita.config.model import ModelConfig
+from megatron_vita.config.parallel import ParallelConfig
 
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                  "common_backend": "torch", "common_backend_version": 1}
@@ -110,12 +112,6 @@ def _reader_class():
     return SafeReader
 
 
-def _narrow(t: torch.Tensor, offsets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:
-    for d, (o, s) in enumerate(zip(offsets, sizes)):
-        t = t.narrow(d, o, s)
-    return t
-
-
 class _Into:
     """The two planner callbacks DCP's reader uses: where a read lands, and that it landed."""
 
@@ -123,7 +119,7 @@ class _Into:
         self.dest = dest
 
     def resolve_tensor(self, req):
-        return _narrow(self.dest, req.dest_offsets, req.lengths)
+        return narrow(self.dest, req.dest_offsets, req.lengths)
 
     def commit_tensor(self, req, tensor):
         pass
@@ -169,22 +165,13 @@ class DistSource:
         self.naming = mapping.detect_naming([k for k in tensors if not k.startswith(("optimizer", "rng_state"))])
         roots = _model_roots(cfg, self.naming)
         self.tensors = {k: md for k, md in tensors.items() if k.startswith(roots)}
-        a = self.args
-        self.layout = MegatronLayout(
-            tp=int(getattr(a, "tensor_model_parallel_size", 1) or 1), pp=int(getattr(a, "pipeline_model_parallel_size", 1) or 1),
-            vpp=getattr(a, "virtual_pipeline_model_parallel_size", None),
-            first_stage_layers=getattr(a, "decoder_first_pipeline_num_layers", None),
-            last_stage_layers=getattr(a, "decoder_last_pipeline_num_layers", None),
-            make_vocab_size_divisible_by=int(getattr(a, "make_vocab_size_divisible_by", 1) or 1))
+        self.layout = layout_from_args(self.args)
         self._reader = _reader_class()(self.iter_dir)
         self._reader.set_up_storage_reader(self.metadata, True)
 
     def _where(self, param: mapping.Param) -> Tuple[str, Optional[int]]:
         keys = [mapping.sharded_key(n) for n in mapping.reader_names(param.name, self.naming)]
         return next((k for k in keys if k[0] in self.tensors), keys[0])
-
-    def _layers(self, param: mapping.Param) -> int:
-        return self.cfg.vision.num_layers if param.rule.layer == "vit" else self.cfg.language.num_layers
 
     def check(self, full_shapes: Dict[str, torch.Size]) -> None:
         from megatron_vita.checkpoint.hf_format import raise_errors
@@ -197,16 +184,13 @@ class DistSource:
             seen.add(key)
             expect = list(full_shapes[p.name])
             if layer is not None:
-                expect = [self._layers(p)] + expect
+                expect = [p.rule.layer_count(self.cfg)] + expect
             md = self.tensors.get(key)
             if md is None:
                 errors.append(f"missing key '{key}' (the model config expects shape {expect})")
                 continue
             found = list(md.size)
-            if p.rule.shard == "vocab" and len(found) == len(expect) and found[1:] == expect[1:] \
-                    and found[0] >= expect[0]:
-                continue  # padded vocabulary rows are dropped on read
-            if found != expect:
+            if not p.rule.shard_kind.fits(found, expect):
                 errors.append(f"shape mismatch for '{key}': the checkpoint has {found}, the model config expects {expect}")
         for key, md in self.tensors.items():
             if key not in seen:
@@ -233,9 +217,7 @@ class DistSource:
 
     def _region_of(self, param: mapping.Param) -> Tuple[str, List[int], List[int], bool]:
         key, layer = self._where(param)
-        size = list(self.tensors[key].size)
-        if param.rule.shard == "vocab":
-            size[0] = self.cfg.language.vocab_size
+        size = list(param.rule.shard_kind.model_shape(self.tensors[key].size, self.cfg.language.vocab_size))
         if layer is None:
             return key, [0] * len(size), size, False
         return key, [layer] + [0] * (len(size) - 1), [1] + size[1:], True
@@ -249,29 +231,10 @@ class DistSource:
         pass
 
 
-def _regions(param: mapping.Param, full: Sequence[int], tp: int) -> List[Tuple[Tuple[int, ...], Tuple[int, ...]]]:
-    """The (offsets, sizes) chunks megatron saves for a full tensor at TP `tp` (vocab already padded)."""
-    full = tuple(full)
-    kind = param.rule.shard
-    zeros = (0,) * len(full)
-    if kind == "replicated" or tp == 1 and kind != "glu":
-        return [(zeros, full)]
-    if kind in ("column", "vocab", "row"):
-        d = 1 if kind == "row" else 0
-        step = full[d] // tp
-        return [(tuple(r * step if i == d else 0 for i in range(len(full))),
-                 tuple(step if i == d else s for i, s in enumerate(full))) for r in range(tp)]
-    if kind == "glu":
-        half = full[0] // 2
-        step = half // tp
-        return [((h * half + r * step,) + zeros[1:], (step,) + full[1:]) for h in (0, 1) for r in range(tp)]
-    raise ValueError(f"unknown shard kind {kind!r}")
-
-
 class DistWriter:
     """Write full megatron-core tensors as a torch_dist iteration directory (see the module docstring)."""
 
-    def __init__(self, iter_dir: str, cfg: ModelConfig, layout: MegatronLayout, naming: str = "mcore",
+    def __init__(self, iter_dir: str, cfg: ModelConfig, layout: ParallelConfig, naming: str = "mcore",
                  iteration: int = 0, common: Optional[dict] = None):
         self.iter_dir, self.cfg, self.layout, self.naming, self.iteration = iter_dir, cfg, layout, naming, iteration
         self.common_extra = dict(common or {})
@@ -285,19 +248,17 @@ class DistWriter:
         from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
         from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
-        padded = self.layout.padded_vocab(self.cfg)
+        padded = self.layout.padded_vocab_size(self.cfg.language.vocab_size)
         total, extra = 0, []
         for p in params:
             name = mapping.rename(p.name, self.naming)
             key, layer = mapping.sharded_key(name)
             dtype = dtype_for(p)
             self._dtype = self._dtype or dtype
-            full = list(full_shapes[p.name])
-            if p.rule.shard == "vocab":
-                full[0] = padded
-            layers = self.cfg.vision.num_layers if p.rule.layer == "vit" else self.cfg.language.num_layers
-            size = torch.Size(([layers] if layer is not None else []) + full)
-            for offsets, sizes in _regions(p, full, self.layout.tp):
+            stored = p.rule.shard_kind.stored_shape(full_shapes[p.name], padded)
+            layers = p.rule.layer_count(self.cfg)
+            size = torch.Size(((layers,) if layer is not None else ()) + stored)
+            for offsets, sizes in p.rule.shard_kind.regions(stored, self.layout.tp):
                 off = ((layer,) if layer is not None else ()) + offsets
                 sz = ((1,) if layer is not None else ()) + sizes
                 chunk = ChunkStorageMetadata(offsets=torch.Size(off), sizes=torch.Size(sz))
@@ -344,14 +305,7 @@ class DistWriter:
         if cache.get("name") != p.name:
             cache.clear()
             cache.update(name=p.name, full=fetch(p))
-        full = cache["full"]
-        if p.rule.shard == "vocab":
-            # Rows past the vocabulary are padding: zeros, made only for the piece that needs them.
-            start, rows = offsets[0], sizes[0]
-            piece = mapping.pad_vocab(full[start:min(start + rows, full.shape[0])], rows)
-        else:
-            piece = _narrow(full, offsets, sizes)
-        piece = piece.to(dtype).contiguous()
+        piece = p.rule.shard_kind.cut(cache["full"], offsets, sizes).to(dtype).contiguous()
         return piece.unsqueeze(0) if layered else piece
 
     def finish(self) -> None:

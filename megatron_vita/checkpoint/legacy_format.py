@@ -21,17 +21,18 @@ import torch
 
 from megatron_vita.checkpoint import mapping
 from megatron_vita.checkpoint.megatron_layout import (
-    MegatronLayout,
     chunk_params,
+    chunks,
     layout_from_chunks,
     megatron_args,
     parse_rank_dir,
-    piece_shape,
     rank_dir,
     resolve_iteration_dir,
+    vocab_divisor,
 )
 from megatron_vita.checkpoint.safe_load import MmapCache
 from megatron_vita.config.model import ModelConfig
+from megatron_vita.config.parallel import ParallelConfig
 
 FILE_NAME = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
@@ -153,7 +154,7 @@ def _substitute(obj, refs):
 class LegacyWriter:
     """Write full megatron-core tensors into a legacy iteration directory at `layout`."""
 
-    def __init__(self, iter_dir: str, cfg: ModelConfig, layout: MegatronLayout, naming: str = "mcore",
+    def __init__(self, iter_dir: str, cfg: ModelConfig, layout: ParallelConfig, naming: str = "mcore",
                  iteration: int = 0):
         self.iter_dir, self.cfg, self.layout, self.naming, self.iteration = iter_dir, cfg, layout, naming, iteration
         self._files: Dict[Tuple[int, int], StreamingTorchFile] = {}
@@ -168,10 +169,10 @@ class LegacyWriter:
         """Lay out every rank file and write its structure; returns the bytes of tensor data to come."""
         cfg, layout = self.cfg, self.layout
         wanted = {p.name for p in params}
-        padded = layout.padded_vocab(cfg)
+        padded = layout.padded_vocab_size(cfg.language.vocab_size)
         dtype0 = dtype_for(params[0])
         total = 0
-        for chunk in layout.chunks(cfg):
+        for chunk in chunks(layout, cfg):
             for tp_rank in range(layout.tp):
                 fkey = (tp_rank, chunk.pp_rank)
                 slots = self._slots.setdefault(fkey, {})
@@ -181,7 +182,7 @@ class LegacyWriter:
                         continue
                     key = mapping.rename(local, self.naming)
                     slot = f"{chunk.model_key}/{key}"
-                    shape = piece_shape(p, full_shapes[p.name], layout.tp, padded)
+                    shape = p.rule.shard_kind.piece_shape(full_shapes[p.name], layout.tp, padded)
                     slots[slot] = (dtype_for(p), shape)
                     state[key] = TensorSlot(slot)
                     self._targets.setdefault(p.name, []).append((fkey, slot))
@@ -203,7 +204,7 @@ class LegacyWriter:
         return total
 
     def write(self, param: mapping.Param, full: torch.Tensor) -> None:
-        padded = self.layout.padded_vocab(self.cfg)
+        padded = self.layout.padded_vocab_size(self.cfg.language.vocab_size)
         for fkey, slot in self._targets[param.name]:
             dtype = self._slots[fkey][slot][0]
             piece = mapping.shard(param, full, self.layout.tp, fkey[0], padded).to(dtype)
@@ -283,20 +284,17 @@ class LegacySource:
             if t == 0:
                 layers = {mapping.sharded_key(n)[1] for n in d if n.startswith(llm_layers)}
                 counts[(p, 0 if mk == "model" else int(mk[5:]))] = len(layers)
-        self.layout = layout_from_chunks(tp, pp, vpp, counts, self.cfg.language.num_layers, self.iter_dir)
-        self.layout.make_vocab_size_divisible_by = self._divisor()
+        self.layout = layout_from_chunks(tp, pp, vpp, counts, self.cfg.language.num_layers, self.iter_dir,
+                                         vocab_divisor(self.args))
         # param name -> [(file, pp rank, model key, key in file)] by TP rank
         self._loc: Dict[str, List[Tuple[str, int, str, str]]] = {}
-        for chunk in self.layout.chunks(self.cfg):
+        for chunk in chunks(self.layout, self.cfg):
             for p, local in chunk_params(self.cfg, chunk):
                 present = self._names[(0, chunk.pp_rank, chunk.model_key)]
                 names = mapping.reader_names(local, self.naming)
                 key = next((n for n in names if n in present), names[0])
                 self._loc[p.name] = [(ranks[(t, chunk.pp_rank)], chunk.pp_rank, chunk.model_key, key)
                                      for t in range(tp)]
-
-    def _divisor(self) -> int:
-        return int(getattr(self.args, "make_vocab_size_divisible_by", 1) or 1) if self.args is not None else 1
 
     def check(self, full_shapes: Dict[str, torch.Size]) -> None:
         """Every piece present with the expected shape; nothing unexpected (no data is read)."""
@@ -306,7 +304,7 @@ class LegacySource:
         errors, seen = [], set()
         padded = self._padded_rows()
         for p in mapping.all_params(self.cfg):
-            expect = piece_shape(p, full_shapes[p.name], layout.tp, padded)
+            expect = p.rule.shard_kind.piece_shape(full_shapes[p.name], layout.tp, padded)
             for t, (file, pp, mk, key) in enumerate(self._loc[p.name]):
                 found = self._names[(t, pp, mk)].get(key)
                 seen.add((file, mk, key))
@@ -327,10 +325,9 @@ class LegacySource:
 
     def _padded_rows(self) -> int:
         """Vocabulary rows as stored (padding included), from the embedding's pieces."""
-        emb = next(p for p in mapping.all_params(self.cfg) if p.rule.shard == "vocab")
-        file, pp, mk, key = self._loc[emb.name][0]
+        file, pp, mk, key = self._loc[mapping.vocab_param(self.cfg).name][0]
         found = self._names[(0, pp, mk)].get(key)
-        return found[0][0] * self.layout.tp if found else self.layout.padded_vocab(self.cfg)
+        return found[0][0] * self.layout.tp if found else self.layout.padded_vocab_size(self.cfg.language.vocab_size)
 
     def dtype_of(self, param: mapping.Param) -> torch.dtype:
         file, pp, mk, key = self._loc[param.name][0]
@@ -339,22 +336,15 @@ class LegacySource:
     def full(self, param: mapping.Param) -> torch.Tensor:
         """The full tensor, assembled piece by piece: each piece is copied out of its mapped file,
         then its pages are dropped, so mapped pages never add up to more than one piece."""
+        kind = param.rule.shard_kind
         locs = self._loc[param.name]
-        if param.rule.shard == "replicated":
-            locs = locs[:1]
+        locs = locs[:kind.pieces_to_read(len(locs))]
         first = self._cache.get(locs[0][0])[locs[0][2]][locs[0][3]]
-        shape = list(first.shape)
-        if param.rule.shard in ("column", "glu"):
-            shape[0] *= len(locs)
-        elif param.rule.shard == "row":
-            shape[1] *= len(locs)
-        elif param.rule.shard == "vocab":
-            shape[0] = self.cfg.language.vocab_size
-        full = torch.empty(shape, dtype=first.dtype)
+        full = torch.empty(kind.full_shape(first.shape, len(locs), self.cfg.language.vocab_size), dtype=first.dtype)
         del first
         for rank, (file, _, mk, key) in enumerate(locs):
             piece = self._cache.get(file)[mk][key]
-            mapping.place(param, full, piece, len(locs), rank)
+            kind.place(full, piece, len(locs), rank)
             self._cache.done_with(file, piece)
         return full
 

@@ -2,7 +2,8 @@
 
 One rule per parameter family (a table, not a cascade of ifs). A rule names the megatron-core
 parameter (this project's names, global layer index `{i}`), the HF parameter(s) it is made of,
-the transform between them and how the megatron tensor splits over tensor-parallel ranks:
+the transform between them and how the megatron tensor splits over tensor-parallel ranks
+(each name is one class in `tensor_kinds`):
 
   transform  qkv      HF q/k/v (or the ViT's fused [all Q; all K; all V]) <-> megatron's fused
                       QKV grouped per KV group: [q heads of group g; k_g; v_g] for g in groups
@@ -37,6 +38,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_vita.checkpoint.tensor_kinds import SHARD_KINDS, TRANSFORMS, ShardKind, Transform
 from megatron_vita.config.model import ModelConfig
 
 LLM = "language_model."
@@ -48,9 +50,25 @@ PROJ = "vision_projection."
 class Rule:
     mcore: str  # megatron-core name pattern; {i} = global layer index
     hf: Tuple[str, ...]  # HF name pattern(s); {i} = the same layer index
-    transform: str = "identity"  # identity | qkv | vit_qkv | glu | pos
-    shard: str = "replicated"  # replicated | column | row | vocab | glu
+    transform: str = "identity"  # a key of tensor_kinds.TRANSFORMS
+    shard: str = "replicated"  # a key of tensor_kinds.SHARD_KINDS
     layer: Optional[str] = None  # "llm" | "vit": which layer count {i} ranges over
+
+    def __post_init__(self):
+        if self.transform not in TRANSFORMS or self.shard not in SHARD_KINDS:
+            raise ValueError(f"rule {self.mcore}: unknown transform {self.transform!r} or shard kind {self.shard!r}")
+
+    @property
+    def transform_kind(self) -> Transform:
+        return TRANSFORMS[self.transform]
+
+    @property
+    def shard_kind(self) -> ShardKind:
+        return SHARD_KINDS[self.shard]
+
+    def layer_count(self, cfg: ModelConfig) -> Optional[int]:
+        """How many layers {i} ranges over (None for a rule outside the layers)."""
+        return {None: None, "llm": cfg.language.num_layers, "vit": cfg.vision.num_layers}[self.layer]
 
 
 RULES: Tuple[Rule, ...] = (
@@ -128,13 +146,12 @@ def _concrete(rule: Rule, i: Optional[int]) -> Param:
 
 def all_params(cfg: ModelConfig) -> List[Param]:
     """Every parameter of the full model, in a stable order (embedding -> layers -> head -> ViT)."""
-    counts = {"llm": cfg.language.num_layers, "vit": cfg.vision.num_layers}
     out = []
     for rule in RULES:
         if rule.layer is None:
             out.append(_concrete(rule, None))
         else:
-            out.extend(_concrete(rule, i) for i in range(counts[rule.layer]))
+            out.extend(_concrete(rule, i) for i in range(rule.layer_count(cfg)))
     return out
 
 
@@ -151,10 +168,10 @@ def hf_names_of(cfg: ModelConfig) -> List[str]:
     return [h for p in all_params(cfg) for h in p.hf_names]
 
 
-# ---- transforms between the HF and the full (TP=1) megatron tensors ---------------------------
+# ---- transforms and tensor-parallel sharding (what the names mean: tensor_kinds) --------------
 
 def _heads(cfg: ModelConfig, rule: Rule) -> Tuple[int, int, int]:
-    """(query heads, kv groups, head dim) of the attention a QKV rule belongs to."""
+    """(query heads, kv groups, head dim) of the attention a rule belongs to."""
     if rule.layer == "vit":
         v = cfg.vision
         return v.num_attention_heads, v.num_attention_heads, v.kv_channels
@@ -162,124 +179,34 @@ def _heads(cfg: ModelConfig, rule: Rule) -> Tuple[int, int, int]:
     return lm.num_attention_heads, lm.num_query_groups, lm.kv_channels
 
 
-def _group_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, groups: int, d: int) -> torch.Tensor:
-    rest = q.shape[1:]
-    q = q.reshape(groups, heads // groups * d, *rest)
-    k = k.reshape(groups, d, *rest)
-    v = v.reshape(groups, d, *rest)
-    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
-
-
-def _ungroup_qkv(x: torch.Tensor, heads: int, groups: int, d: int):
-    rest = x.shape[1:]
-    x = x.reshape(groups, (heads // groups + 2) * d, *rest)
-    q, k, v = x.split([heads // groups * d, d, d], dim=1)
-    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
-
-
 def to_mcore(cfg: ModelConfig, param: Param, hf: Sequence[torch.Tensor]) -> torch.Tensor:
     """Full megatron tensor from its HF tensor(s) (in `param.hf_names` order)."""
-    t = param.rule.transform
-    if t == "identity":
-        return hf[0]
-    if t == "pos":
-        return hf[0].reshape(hf[0].shape[-2], hf[0].shape[-1])
-    if t == "glu":
-        return torch.cat([hf[0], hf[1]], dim=0)
-    if t == "qkv":
-        return _group_qkv(*hf, *_heads(cfg, param.rule))
-    if t == "vit_qkv":
-        return _group_qkv(*hf[0].chunk(3, dim=0), *_heads(cfg, param.rule))
-    raise ValueError(f"unknown transform {t!r}")
+    return param.rule.transform_kind.to_mcore(hf, _heads(cfg, param.rule))
 
 
 def to_hf(cfg: ModelConfig, param: Param, full: torch.Tensor) -> Dict[str, torch.Tensor]:
     """HF tensor(s) from the full megatron tensor."""
-    t, names = param.rule.transform, param.hf_names
-    if t == "identity":
-        return {names[0]: full}
-    if t == "pos":
-        return {names[0]: full.unsqueeze(0)}
-    if t == "glu":
-        gate, up = full.chunk(2, dim=0)
-        return {names[0]: gate, names[1]: up}
-    if t == "qkv":
-        return dict(zip(names, _ungroup_qkv(full, *_heads(cfg, param.rule))))
-    if t == "vit_qkv":
-        return {names[0]: torch.cat(_ungroup_qkv(full, *_heads(cfg, param.rule)), dim=0)}
-    raise ValueError(f"unknown transform {t!r}")
+    return param.rule.transform_kind.to_hf(param.hf_names, full, _heads(cfg, param.rule))
 
 
 def row_segments(cfg: ModelConfig, param: Param) -> Optional[List[Tuple[str, int, int]]]:
     """The full megatron tensor's rows as (HF name, first HF row, row count) runs, in order.
 
-    Every transform except `pos` only rearranges whole rows, so a converter can read or write
-    each run straight from or to its place (no intermediate HF-shaped tensors, no concatenation).
-    None for `pos`.
+    Transforms that only rearrange whole rows give these runs, so a converter can read or write
+    each run straight from or to its place (no intermediate HF-shaped tensors, no
+    concatenation); None for the others (`pos`).
     """
-    t, names = param.rule.transform, param.hf_names
-    if t == "identity":
-        return [(names[0], 0, -1)]
-    if t == "glu":
-        return [(names[0], 0, -1), (names[1], 0, -1)]
-    if t in ("qkv", "vit_qkv"):
-        heads, groups, d = _heads(cfg, param.rule)
-        per = heads // groups * d
-        if t == "qkv":
-            q, k, v = names
-            return [seg for g in range(groups) for seg in ((q, g * per, per), (k, g * d, d), (v, g * d, d))]
-        return [seg for g in range(groups)
-                for seg in ((names[0], g * per, per), (names[0], heads * d + g * d, d), (names[0], 2 * heads * d + g * d, d))]
-    return None
-
-
-# ---- tensor-parallel sharding of full megatron tensors -----------------------------------------
-
-def pad_vocab(full: torch.Tensor, padded_rows: int) -> torch.Tensor:
-    if full.shape[0] > padded_rows:
-        raise ValueError(f"vocabulary of {full.shape[0]} rows does not fit the padded size {padded_rows}")
-    if full.shape[0] == padded_rows:
-        return full
-    return torch.cat([full, full.new_zeros(padded_rows - full.shape[0], *full.shape[1:])], dim=0)
+    return param.rule.transform_kind.row_segments(param.hf_names, _heads(cfg, param.rule))
 
 
 def shard(param: Param, full: torch.Tensor, tp: int, rank: int, padded_vocab: Optional[int] = None) -> torch.Tensor:
     """This TP rank's piece of a full megatron tensor."""
-    kind = param.rule.shard
-    if kind == "replicated" or tp == 1 and kind != "vocab":
-        return full
-    if kind == "vocab":
-        # Pad only the piece that reaches past the vocabulary: the full padded table is never built.
-        rows = padded_vocab if padded_vocab is not None else full.shape[0]
-        if full.shape[0] > rows or rows % tp:
-            raise ValueError(f"vocabulary of {full.shape[0]} rows does not fit the padded size {rows} at TP {tp}")
-        per = rows // tp
-        piece = full[rank * per:min((rank + 1) * per, full.shape[0])]
-        return piece if piece.shape[0] == per else pad_vocab(piece, per)
-    if kind == "column":
-        return full.chunk(tp, dim=0)[rank]
-    if kind == "row":
-        return full.chunk(tp, dim=1)[rank]
-    if kind == "glu":
-        gate, up = full.chunk(2, dim=0)
-        return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]], dim=0)
-    raise ValueError(f"unknown shard kind {kind!r}")
+    return param.rule.shard_kind.shard(full, tp, rank, padded_vocab)
 
 
 def unshard(param: Param, pieces: Sequence[torch.Tensor], vocab_size: Optional[int] = None) -> torch.Tensor:
     """Full megatron tensor from all TP ranks' pieces (padded vocabulary rows dropped)."""
-    kind = param.rule.shard
-    if kind == "replicated":
-        return pieces[0]
-    if kind in ("column", "vocab"):
-        full = torch.cat(list(pieces), dim=0)
-        return full[:vocab_size] if kind == "vocab" and vocab_size is not None else full
-    if kind == "row":
-        return torch.cat(list(pieces), dim=1)
-    if kind == "glu":
-        halves = [p.chunk(2, dim=0) for p in pieces]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
-    raise ValueError(f"unknown shard kind {kind!r}")
+    return param.rule.shard_kind.unshard(pieces, vocab_size)
 
 
 def place(param: Param, full: torch.Tensor, piece: torch.Tensor, tp: int, rank: int) -> None:
@@ -288,22 +215,12 @@ def place(param: Param, full: torch.Tensor, piece: torch.Tensor, tp: int, rank: 
     The piece-at-a-time form of `unshard`: a reader can release each piece's source before
     reading the next.
     """
-    kind = param.rule.shard
-    if kind == "replicated" or (tp == 1 and kind != "vocab"):
-        full.copy_(piece)
-    elif kind in ("column", "vocab"):
-        start = rank * piece.shape[0]
-        rows = max(0, min(piece.shape[0], full.shape[0] - start))
-        full[start:start + rows].copy_(piece[:rows])
-    elif kind == "row":
-        step = piece.shape[1]
-        full[:, rank * step:(rank + 1) * step].copy_(piece)
-    elif kind == "glu":
-        half, step = full.shape[0] // 2, piece.shape[0] // 2
-        full[rank * step:(rank + 1) * step].copy_(piece[:step])
-        full[half + rank * step:half + (rank + 1) * step].copy_(piece[step:])
-    else:
-        raise ValueError(f"unknown shard kind {kind!r}")
+    param.rule.shard_kind.place(full, piece, tp, rank)
+
+
+def vocab_param(cfg: ModelConfig) -> Param:
+    """The first parameter whose rows are the (padded) vocabulary: the word embeddings."""
+    return next(p for p in all_params(cfg) if p.rule.shard_kind.pads_vocab)
 
 
 # ---- local (per pipeline chunk) <-> global names ------------------------------------------------

@@ -1,11 +1,12 @@
 """Where each tensor of a Megatron checkpoint lives: rank files, model chunks, local names.
 
-A layout is Megatron's TP / PP / VPP split (uneven first/last stages included) plus the vocab
-padding divisor. Pipeline chunks are ordered as Megatron lays layers out (`vp * pp + pp_rank`);
-the ViT, projector and embedding live in the first chunk, the final norm and LM head in the
-last. Names inside a chunk use chunk-local layer indices. Directory names follow Megatron:
-`iter_XXXXXXX/mp_rank_TT` (PP 1) or `mp_rank_TT_PPP`, with `latest_checkpointed_iteration.txt`
-beside the iteration directories ("release" is accepted when reading).
+A layout is a `ParallelConfig`: Megatron's TP / PP / VPP split (uneven first/last stages
+included) plus the vocab padding divisor. Pipeline chunks are ordered as Megatron lays layers
+out (`vp * pp + pp_rank`); the ViT, projector and embedding live in the first chunk, the final
+norm and LM head in the last. Names inside a chunk use chunk-local layer indices. Directory
+names follow Megatron: `iter_XXXXXXX/mp_rank_TT` (PP 1) or `mp_rank_TT_PPP`, with
+`latest_checkpointed_iteration.txt` beside the iteration directories ("release" is accepted
+when reading).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -26,52 +27,6 @@ TRACKER = "latest_checkpointed_iteration.txt"
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 
 
-@dataclass
-class MegatronLayout:
-    tp: int = 1
-    pp: int = 1
-    vpp: Optional[int] = None
-    first_stage_layers: Optional[int] = None
-    last_stage_layers: Optional[int] = None
-    # Megatron's --make-vocab-size-divisible-by; 1 keeps the released 152064 rows unpadded at TP8.
-    make_vocab_size_divisible_by: int = 1
-
-    def parallel_config(self) -> ParallelConfig:
-        return ParallelConfig(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
-                              virtual_pipeline_model_parallel_size=self.vpp,
-                              num_layers_in_first_pipeline_stage=self.first_stage_layers,
-                              num_layers_in_last_pipeline_stage=self.last_stage_layers)
-
-    def validate(self, cfg: ModelConfig) -> "MegatronLayout":
-        if self.make_vocab_size_divisible_by < 1:
-            raise ValueError(f"--make-vocab-size-divisible-by must be >= 1 (got {self.make_vocab_size_divisible_by})")
-        self.parallel_config().validate(cfg)
-        return self
-
-    def padded_vocab(self, cfg: ModelConfig) -> int:
-        multiple = self.make_vocab_size_divisible_by * self.tp
-        return -(-cfg.language.vocab_size // multiple) * multiple
-
-    def describe(self) -> str:
-        out = f"TP{self.tp} PP{self.pp}" + (f" VPP{self.vpp}" if self.vpp else "")
-        if self.first_stage_layers is not None or self.last_stage_layers is not None:
-            out += f" (first stage {self.first_stage_layers}, last stage {self.last_stage_layers} layers)"
-        return out
-
-    def chunks(self, cfg: ModelConfig) -> List["Chunk"]:
-        """Every (pipeline rank, virtual chunk) in Megatron's layer order."""
-        per_chunk = self.parallel_config().layers_per_stage(cfg.language.num_layers)
-        vpp = self.vpp or 1
-        out = []
-        for vp in range(vpp):
-            for pp_rank in range(self.pp):
-                out.append(Chunk(pp_rank, vp, tuple(per_chunk[vp * self.pp + pp_rank]),
-                                 has_embedding=(pp_rank == 0 and vp == 0),
-                                 has_head=(pp_rank == self.pp - 1 and vp == vpp - 1),
-                                 model_key="model" if self.vpp is None else f"model{vp}"))
-        return out
-
-
 @dataclass(frozen=True)
 class Chunk:
     pp_rank: int
@@ -80,6 +35,20 @@ class Chunk:
     has_embedding: bool  # ViT, projector and word embeddings
     has_head: bool  # final norm and output layer
     model_key: str  # "model", or "model0", "model1", ... with a virtual pipeline
+
+
+def chunks(layout: ParallelConfig, cfg: ModelConfig) -> List[Chunk]:
+    """Every (pipeline rank, virtual chunk) of `layout` in Megatron's layer order."""
+    per_chunk = layout.layers_per_stage(cfg.language.num_layers)
+    vpp = layout.vpp or 1
+    out = []
+    for vp in range(vpp):
+        for pp_rank in range(layout.pp):
+            out.append(Chunk(pp_rank, vp, tuple(per_chunk[vp * layout.pp + pp_rank]),
+                             has_embedding=(pp_rank == 0 and vp == 0),
+                             has_head=(pp_rank == layout.pp - 1 and vp == vpp - 1),
+                             model_key="model" if layout.vpp is None else f"model{vp}"))
+    return out
 
 
 def _position(p: mapping.Param) -> Tuple[int, float]:
@@ -109,19 +78,6 @@ def chunk_params(cfg: ModelConfig, chunk: Chunk) -> List[Tuple[mapping.Param, st
         elif chunk.has_head:
             out.append((p, p.name))
     return out
-
-
-def piece_shape(param: mapping.Param, full: Sequence[int], tp: int, padded_vocab: int) -> Tuple[int, ...]:
-    """Shape of one TP rank's piece of a full tensor of shape `full`."""
-    shape = list(full)
-    kind = param.rule.shard
-    if kind == "vocab":
-        shape[0] = padded_vocab // tp
-    elif kind in ("column", "glu"):
-        shape[0] //= tp
-    elif kind == "row":
-        shape[1] //= tp
-    return tuple(shape)
 
 
 def rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
@@ -165,19 +121,20 @@ def write_tracker(root: str, iteration: int) -> None:
         f.write(str(iteration))
 
 
-def megatron_args(cfg: ModelConfig, layout: MegatronLayout, dtype: torch.dtype, iteration: int) -> argparse.Namespace:
+def megatron_args(cfg: ModelConfig, layout: ParallelConfig, dtype: torch.dtype, iteration: int) -> argparse.Namespace:
     """The training flags Megatron / MindSpeed readers look for in `args` (sizes and layout)."""
     lm = cfg.language
     return argparse.Namespace(
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
         num_layers_per_virtual_pipeline_stage=(lm.num_layers // (layout.pp * layout.vpp)) if layout.vpp else None,
-        decoder_first_pipeline_num_layers=layout.first_stage_layers,
-        decoder_last_pipeline_num_layers=layout.last_stage_layers,
+        decoder_first_pipeline_num_layers=layout.num_layers_in_first_pipeline_stage,
+        decoder_last_pipeline_num_layers=layout.num_layers_in_last_pipeline_stage,
         num_layers=lm.num_layers, hidden_size=lm.hidden_size, ffn_hidden_size=lm.ffn_hidden_size,
         num_attention_heads=lm.num_attention_heads, group_query_attention=lm.num_query_groups != lm.num_attention_heads,
         num_query_groups=lm.num_query_groups, kv_channels=lm.kv_channels, vocab_size=lm.vocab_size,
-        padded_vocab_size=layout.padded_vocab(cfg), make_vocab_size_divisible_by=layout.make_vocab_size_divisible_by,
+        padded_vocab_size=layout.padded_vocab_size(lm.vocab_size),
+        make_vocab_size_divisible_by=layout.make_vocab_size_divisible_by,
         max_position_embeddings=lm.max_position_embeddings, norm_epsilon=lm.rms_norm_eps, rotary_base=lm.rope_theta,
         normalization="RMSNorm", swiglu=True, add_qkv_bias=True, add_bias_linear=False,
         untie_embeddings_and_output_weights=True, position_embedding_type="rope",
@@ -185,20 +142,38 @@ def megatron_args(cfg: ModelConfig, layout: MegatronLayout, dtype: torch.dtype, 
     )
 
 
+def vocab_divisor(args: Optional[argparse.Namespace]) -> int:
+    """The --make-vocab-size-divisible-by a checkpoint's `args` record (1 without args)."""
+    return int(getattr(args, "make_vocab_size_divisible_by", 1) or 1) if args is not None else 1
+
+
+def layout_from_args(args: Optional[argparse.Namespace]) -> ParallelConfig:
+    """The layout a checkpoint's Megatron `args` record (TP1 PP1 without args)."""
+    return ParallelConfig(
+        tensor_model_parallel_size=int(getattr(args, "tensor_model_parallel_size", 1) or 1),
+        pipeline_model_parallel_size=int(getattr(args, "pipeline_model_parallel_size", 1) or 1),
+        virtual_pipeline_model_parallel_size=getattr(args, "virtual_pipeline_model_parallel_size", None),
+        num_layers_in_first_pipeline_stage=getattr(args, "decoder_first_pipeline_num_layers", None),
+        num_layers_in_last_pipeline_stage=getattr(args, "decoder_last_pipeline_num_layers", None),
+        make_vocab_size_divisible_by=vocab_divisor(args))
+
+
 def layout_from_chunks(tp: int, pp: int, vpp: Optional[int], layer_counts: Dict[Tuple[int, int], int],
-                       num_layers: int, where: str) -> MegatronLayout:
+                       num_layers: int, where: str, make_vocab_size_divisible_by: int = 1) -> ParallelConfig:
     """Reconstruct a layout from the layer count found in each (pp rank, vp) chunk of a checkpoint."""
     stages = pp * (vpp or 1)
     counts = [layer_counts.get((pp_rank, vp), 0) for vp in range(vpp or 1) for pp_rank in range(pp)]
     if sum(counts) != num_layers:
         raise ValueError(f"{where}: the chunks hold {sum(counts)} LLM layers ({counts}), the model config has {num_layers}")
-    layout = MegatronLayout(tp, pp, vpp)
+    layout = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                            virtual_pipeline_model_parallel_size=vpp,
+                            make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     if len(set(counts)) > 1 or num_layers % stages:
         first, last = counts[0], counts[-1]
         middle = counts[1:-1]
         if vpp or len(set(middle)) > 1:
             raise ValueError(f"{where}: layer counts per pipeline chunk {counts} are not a layout this project "
                              "supports (even, or uneven first/last stage without VPP)")
-        layout.first_stage_layers = first
-        layout.last_stage_layers = last if pp > 1 else None
+        layout.num_layers_in_first_pipeline_stage = first
+        layout.num_layers_in_last_pipeline_stage = last if pp > 1 else None
     return layout

@@ -17,7 +17,7 @@ from megatron.core import parallel_state as ps
 from megatron_vita.checkpoint import mapping
 from megatron_vita.config.model import ModelConfig
 from megatron_vita.config.parallel import ParallelConfig
-from megatron_vita.models.long_vita.builder import chunk_layers, padded_vocab_size
+from megatron_vita.models.long_vita.builder import chunk_layers
 
 TensorSource = Union[Callable[[str], torch.Tensor], Dict[str, torch.Tensor]]
 
@@ -38,6 +38,39 @@ def chunk_parameters(chunk: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
+def _fill(chunks: Sequence[torch.nn.Module], full_of: Callable[[mapping.Param], torch.Tensor],
+          model_config: ModelConfig, par: ParallelConfig, origin: Callable[[mapping.Param], str],
+          missing_ok: Sequence[str] = ()) -> List[mapping.Param]:
+    """Copy this rank's TP piece of `full_of(param)` into every parameter of the chunks.
+
+    `full_of` raises KeyError when its source lacks a tensor: parameters whose name starts with
+    one of `missing_ok` then keep their values, any other is an error naming the parameter.
+    `origin(param)` names where a parameter's tensor came from in a shape-mismatch error.
+    Returns the parameters that were filled.
+    """
+    tp, tp_rank, pp_rank = par.tp, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    filled = []
+    for vp, chunk in enumerate(chunks):
+        layers = chunk_layers(model_config, par, pp_rank, vp)
+        for local, target in chunk_parameters(chunk).items():
+            param = mapping.lookup(mapping.local_to_global(local, layers))
+            try:
+                full = full_of(param)
+            except KeyError as e:
+                if param.name.startswith(tuple(missing_ok)):
+                    continue
+                raise KeyError(f"missing weight for megatron parameter '{param.name}': {e}") from None
+            # The chunk's rows are the padded vocabulary of its layout (kinds that do not pad ignore it).
+            piece = mapping.shard(param, full, tp, tp_rank, target.shape[0] * tp)
+            if piece.shape != target.shape:
+                raise ValueError(f"shape mismatch for '{param.name}' from {origin(param)}: it gives "
+                                 f"{tuple(piece.shape)} for TP rank {tp_rank}/{tp}, the model expects "
+                                 f"{tuple(target.shape)}")
+            target.copy_(piece.to(target.dtype))
+            filled.append(param)
+    return filled
+
+
 def load_hf_weights(chunks: Sequence[torch.nn.Module], source: TensorSource, model_config: ModelConfig,
                     par: ParallelConfig, missing_ok: Sequence[str] = ()) -> List[str]:
     """Copy HF-named tensors into this rank's chunks; returns the HF names that were read.
@@ -46,47 +79,15 @@ def load_hf_weights(chunks: Sequence[torch.nn.Module], source: TensorSource, mod
     when the source lacks them (e.g. a new projector between a pretrained LLM and ViT).
     """
     get = _getter(source)
-    tp, tp_rank, pp_rank = par.tp, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    used = []
-    for vp, chunk in enumerate(chunks):
-        layers = chunk_layers(model_config, par, pp_rank, vp)
-        for local, target in chunk_parameters(chunk).items():
-            name = mapping.local_to_global(local, layers)
-            param = mapping.lookup(name)
-            try:
-                hf = [get(h) for h in param.hf_names]
-            except KeyError as e:
-                if name.startswith(tuple(missing_ok)):
-                    continue
-                raise KeyError(f"missing weight for megatron parameter '{name}': {e}") from None
-            full = mapping.to_mcore(model_config, param, hf)
-            padded = target.shape[0] * tp if param.rule.shard == "vocab" else None
-            piece = mapping.shard(param, full, tp, tp_rank, padded)
-            if piece.shape != target.shape:
-                raise ValueError(
-                    f"shape mismatch for '{name}' (from {', '.join(param.hf_names)}): source gives "
-                    f"{tuple(piece.shape)} for TP rank {tp_rank}/{tp}, model expects {tuple(target.shape)}")
-            target.copy_(piece.to(target.dtype))
-            used.extend(param.hf_names)
-    return used
+    filled = _fill(chunks, lambda p: mapping.to_mcore(model_config, p, [get(h) for h in p.hf_names]), model_config,
+                   par, lambda p: ", ".join(p.hf_names), missing_ok)
+    return [h for p in filled for h in p.hf_names]
 
 
-@torch.no_grad()
 def load_full_weights(chunks: Sequence[torch.nn.Module], full_of: Callable[[mapping.Param], torch.Tensor],
                       model_config: ModelConfig, par: ParallelConfig, where: str = "source") -> None:
     """Copy full megatron-core tensors (`full_of(param)`, e.g. a converter source's `full`) into the chunks."""
-    tp, tp_rank, pp_rank = par.tp, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    for vp, chunk in enumerate(chunks):
-        layers = chunk_layers(model_config, par, pp_rank, vp)
-        for local, target in chunk_parameters(chunk).items():
-            param = mapping.lookup(mapping.local_to_global(local, layers))
-            full = full_of(param)
-            padded = target.shape[0] * tp if param.rule.shard == "vocab" else None
-            piece = mapping.shard(param, full, tp, tp_rank, padded)
-            if piece.shape != target.shape:
-                raise ValueError(f"shape mismatch for '{param.name}' from {where}: it gives {tuple(piece.shape)} for "
-                                 f"TP rank {tp_rank}/{tp}, the model expects {tuple(target.shape)}")
-            target.copy_(piece.to(target.dtype))
+    _fill(chunks, full_of, model_config, par, lambda p: where)
 
 
 class PartsSource:
@@ -113,8 +114,9 @@ class PartsSource:
 
 
 def load_checkpoint_weights(chunks: Sequence[torch.nn.Module], kind: str, path: str, model_config: ModelConfig,
-                            par: ParallelConfig, make_vocab_size_divisible_by: int = 1) -> str:
-    """Fill this rank's chunks from a checkpoint of any kind; returns how it was loaded.
+                            par: ParallelConfig) -> str:
+    """Fill this rank's chunks (built at `par`, its vocab divisor included) from a checkpoint of
+    any kind; returns how it was loaded.
 
     HF: `load_hf_weights`. torch_dist in this project's names whose vocabulary padding fits
     the chunks: megatron's own `dist_checkpointing.load` (what training does). Anything else
@@ -125,16 +127,15 @@ def load_checkpoint_weights(chunks: Sequence[torch.nn.Module], kind: str, path: 
 
         load_hf_weights(chunks, HFSource(path), model_config, par)
         return "HF weights"
-    from megatron_vita.checkpoint.convert import megatron_format_of
+    from megatron_vita.checkpoint.sources import megatron_format_of
 
     if megatron_format_of(path) == "torch_dist":
         from megatron_vita.checkpoint.dist_format import DistSource
 
         source = DistSource(path, model_config)
-        emb = next(p for p in mapping.all_params(model_config) if p.rule.shard == "vocab")
-        rows = source.tensors.get(mapping.sharded_key(emb.name)[0])
+        rows = source.tensors.get(mapping.sharded_key(mapping.vocab_param(model_config).name)[0])
         # Decided from the layout alone, so that every rank takes the same (collective) path.
-        chunk_rows = padded_vocab_size(model_config.language.vocab_size, par.tp, make_vocab_size_divisible_by)
+        chunk_rows = par.padded_vocab_size(model_config.language.vocab_size)
         if source.naming == "mcore" and rows is not None and rows.size[0] == chunk_rows:
             _dist_load(chunks, source.iter_dir)
             return "megatron dist_checkpointing.load"

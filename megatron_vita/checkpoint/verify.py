@@ -20,11 +20,15 @@ checkpoint is one error line naming the file, never a rank's traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import numpy as np
+
+from megatron_vita.config.dtypes import DTYPES, torch_dtype
+from megatron_vita.config.parallel import ParallelConfig
 
 if TYPE_CHECKING:  # torch is imported inside functions: `--help` stays fast
     import torch
@@ -41,9 +45,6 @@ if TYPE_CHECKING:  # torch is imported inside functions: `--help` stays fast
 # and still sit well above every wrong checkpoint.
 THRESHOLDS = {"fp32": (0.9999, 100.0), "bf16": (0.995, 85.0), "fp16": (0.9995, 90.0)}
 COSINE_MIN, TOP1_MIN = THRESHOLDS["fp32"]
-_DEFAULT_LAYOUT = dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-                       virtual_pipeline_model_parallel_size=None, sequence_parallel=False)
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass
@@ -126,7 +127,7 @@ def hf_logits(hf_dir: str, inputs: List[VerifyInput], dtype: str = "fp32") -> Li
 
     import megatron_vita  # noqa: F401  (registers the Long-VITA Auto classes)
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, DTYPES[dtype])).eval()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch_dtype(dtype)).eval()
     out = []
     with torch.no_grad():
         for inp in inputs:
@@ -135,51 +136,20 @@ def hf_logits(hf_dir: str, inputs: List[VerifyInput], dtype: str = "fp32") -> Li
     return out
 
 
-def megatron_logits_rank(rank: int, world: int, cfg_dict: Dict, weights: Tuple[str, str, int], layout: Dict,
-                         inputs: List[VerifyInput], dtype: str) -> Optional[List["torch.Tensor"]]:
-    """Runs on every rank: build the layout, load the weights, forward each input through the pipeline.
-
-    weights = (kind "hf" | "megatron", path, vocab padding divisor of the build).
-    """
-    import torch
-
-    from megatron_vita.checkpoint.model_io import load_checkpoint_weights
-    from megatron_vita.config import ModelConfig, ParallelConfig
-    from megatron_vita.models.long_vita.builder import BuildOptions, build_model_chunks
-    from megatron_vita.parallel.pipeline import forward_only
-    from megatron_vita.parallel.state import destroy_parallel, initialize_parallel
-
-    cfg = ModelConfig.from_dict(cfg_dict)
-    kind, path, divisor = weights
-    par = ParallelConfig(**layout, make_vocab_size_divisible_by=divisor).validate(cfg, world)
-    info = initialize_parallel(par)
-    try:
-        chunks = build_model_chunks(cfg, par, BuildOptions(params_dtype=getattr(torch, DTYPES[dtype])))
-        how = load_checkpoint_weights(chunks, kind, path, cfg, par, divisor)
-        results = []
-        for inp in inputs:
-            logits = forward_only(chunks, [{"tokens": inp.input_ids, "pixel_values": inp.pixel_values}])
-            results.append(None if logits is None else logits[0][..., :cfg.language.vocab_size].float())
-        keep = info.tp_rank == 0 and info.dp_rank == 0 and results[0] is not None
-        return (results, how) if keep else None
-    finally:
-        destroy_parallel()
-
-
 @dataclass
 class CheckpointRef:
     """One side of a comparison: a checkpoint, and how to run it.
 
-    kind "hf" runs transformers (or megatron-core loaded from the HF weights when a layout is
-    given); kind "megatron" runs megatron-core loaded from a Megatron checkpoint of any format,
-    layout and naming, at its own layout unless one is given. `model` is the config spec for
-    Megatron checkpoints that carry none (released MindSpeed / TE weights).
+    kind "hf" runs transformers, or megatron-core loaded from the HF weights when a `layout` is
+    given; kind "megatron" runs megatron-core loaded from a Megatron checkpoint of any format,
+    layout and naming, at `layout` or else at the checkpoint's own. `model` is the config spec
+    for Megatron checkpoints that carry none (released MindSpeed / TE weights).
     """
 
     kind: str
     path: str
     model: Optional[str] = None
-    layout: Optional[Dict] = None
+    layout: Optional[ParallelConfig] = None
     _opened: object = field(default=None, init=False, repr=False, compare=False)
 
     def config(self):
@@ -198,49 +168,42 @@ class CheckpointRef:
 
     def _source(self):
         if self._opened is None:
-            from megatron_vita.checkpoint.convert import open_source
+            from megatron_vita.checkpoint.sources import open_source
 
             source = open_source(self.kind, self.path, self.model)
             source.close()
             self._opened = source
         return self._opened
 
-    def resolved_layout(self) -> Tuple[Optional[Dict], int]:
-        """(megatron layout or None for transformers, vocab padding divisor)."""
-        if self.kind == "hf":
-            return self.layout, 1
-        source = self._source()
-        lay = source.layout
-        default = dict(tensor_model_parallel_size=lay.tp, pipeline_model_parallel_size=lay.pp,
-                       virtual_pipeline_model_parallel_size=lay.vpp, sequence_parallel=False,
-                       num_layers_in_first_pipeline_stage=lay.first_stage_layers,
-                       num_layers_in_last_pipeline_stage=lay.last_stage_layers)
-        return {**default, **(self.layout or {})}, lay.make_vocab_size_divisible_by
+    def with_layout(self, **changes) -> "CheckpointRef":
+        """Run at the checkpoint's own layout (HF: TP1 PP1) with `changes` (ParallelConfig fields)."""
+        own = self._source().layout if self.kind == "megatron" else ParallelConfig()
+        self.layout = dataclasses.replace(own, **changes)
+        return self
 
-    def describe(self, layout: Optional[Dict]) -> str:
+    def resolved_layout(self) -> Optional[ParallelConfig]:
+        """The megatron-core layout to run at (its vocab divisor the checkpoint's), or None for transformers."""
+        if self.kind == "hf" or self.layout is not None:
+            return self.layout
+        return self._source().layout
+
+    def describe(self, layout: Optional[ParallelConfig]) -> str:
         if layout is None:
             return f"HF transformers {self.path}"
-        tp, pp = layout.get("tensor_model_parallel_size", 1), layout.get("pipeline_model_parallel_size", 1)
-        vpp, sp = layout.get("virtual_pipeline_model_parallel_size"), layout.get("sequence_parallel")
-        return (f"megatron-core at TP={tp} PP={pp}" + (f" VPP={vpp}" if vpp else "") + (" SP" if sp else "")
-                + f" on {tp * pp} ranks from {'HF ' if self.kind == 'hf' else 'Megatron '}{self.path}")
+        return (f"megatron-core at TP={layout.tp} PP={layout.pp}" + (f" VPP={layout.vpp}" if layout.vpp else "")
+                + (" SP" if layout.sequence_parallel else "")
+                + f" on {layout.tp * layout.pp} ranks from {'HF ' if self.kind == 'hf' else 'Megatron '}{self.path}")
 
 
-def logits_of(ref: CheckpointRef, cfg, inputs: List[VerifyInput], dtype: str = "fp32", timeout: float = 900,
-              backend: Optional[str] = None, run: Optional[Tuple[Optional[Dict], int]] = None
-              ) -> Tuple[List["torch.Tensor"], str]:
-    """Logits of every input on one side; returns (logits, description)."""
-    from megatron_vita import platform
-    from megatron_vita.config import ParallelConfig
-
-    layout, divisor = run if run is not None else ref.resolved_layout()
+def logits_of(ref: CheckpointRef, layout: Optional[ParallelConfig], cfg, inputs: List[VerifyInput],
+              dtype: str = "fp32", timeout: float = 900,
+              backend: Optional[str] = None) -> Tuple[List["torch.Tensor"], str]:
+    """Logits of every input on one side, run at `layout` (None: transformers); returns (logits, description)."""
     if layout is None:
         return hf_logits(ref.path, inputs, dtype), ref.describe(None)
-    world = layout.get("tensor_model_parallel_size", 1) * layout.get("pipeline_model_parallel_size", 1)
-    ParallelConfig(**layout).validate(cfg, world)
-    per_rank = platform.spawn(megatron_logits_rank, world, cfg.to_dict(), (ref.kind, ref.path, divisor), layout,
-                              inputs, dtype, timeout=timeout, backend=backend)
-    results, how = next(r for r in per_rank if r is not None)
+    from megatron_vita.inference.forward import megatron_logits
+
+    results, how = megatron_logits(cfg, ref.kind, ref.path, layout, inputs, dtype, timeout, backend)
     return results, f"{ref.describe(layout)} ({how})"
 
 
@@ -263,25 +226,24 @@ def verify_pair(reference: CheckpointRef, candidate: CheckpointRef, image: Optio
                 video: Optional[str] = None, dtype: str = "fp32", seed: int = 0, max_tiles: int = 12,
                 max_frames: int = 8, timeout: float = 900, backend: Optional[str] = None, log=print) -> Dict[str, float]:
     """Compare the logits of two checkpoints; returns the summary (min cosine, max |diff|, top-1 %, passed)."""
+    from megatron_vita.checkpoint.sources import config_differences
+
     cfg = reference.config()
     other = candidate.config()
     reference.check()  # a broken checkpoint is one line here, not a rank's traceback later
     candidate.check()
-    if other.to_hf_dict() != cfg.to_hf_dict():
-        a, b = cfg.to_hf_dict(), other.to_hf_dict()
-        diffs = [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    diffs = config_differences(cfg, other)
+    if diffs:
         raise ValueError(f"{reference.path} and {candidate.path} describe different models: " + "; ".join(diffs))
     ref_run, cand_run = reference.resolved_layout(), candidate.resolved_layout()
-    if cand_run[0] is not None:
-        from megatron_vita.config import ParallelConfig
-
-        ParallelConfig(**cand_run[0]).validate(cfg)  # a bad layout fails before the reference runs
+    if cand_run is not None:
+        cand_run.validate(cfg)  # a bad layout fails before the reference runs
     inputs = build_inputs(cfg, image, video, seed, max_tiles, max_frames)
     for inp in inputs:
         log(f"verify: input {inp.name}: {inp.input_ids.shape[1]} tokens" + (f", {inp.media}" if inp.media else ""))
-    ref_logits, ref_desc = logits_of(reference, cfg, inputs, dtype, timeout, backend, ref_run)
-    log(f"verify: reference done ({ref_desc}); running {candidate.describe(cand_run[0])}")
-    cand_logits, cand_desc = logits_of(candidate, cfg, inputs, dtype, timeout, backend, cand_run)
+    ref_logits, ref_desc = logits_of(reference, ref_run, cfg, inputs, dtype, timeout, backend)
+    log(f"verify: reference done ({ref_desc}); running {candidate.describe(cand_run)}")
+    cand_logits, cand_desc = logits_of(candidate, cand_run, cfg, inputs, dtype, timeout, backend)
     log(f"verify: candidate done ({cand_desc})")
     stats = []
     for inp, ref, cand in zip(inputs, ref_logits, cand_logits):
@@ -303,19 +265,29 @@ def verify_pair(reference: CheckpointRef, candidate: CheckpointRef, image: Optio
     return summary
 
 
+# The layout flags of `verify` (argparse dest -> ParallelConfig field).
+_LAYOUT_FLAGS = {"tp": "tensor_model_parallel_size", "pp": "pipeline_model_parallel_size",
+                 "vpp": "virtual_pipeline_model_parallel_size", "sequence_parallel": "sequence_parallel"}
+
+
 def verify(hf_dir: str, tp: int = 1, pp: int = 1, vpp: Optional[int] = None, sequence_parallel: bool = False,
            image: Optional[str] = None, video: Optional[str] = None, dtype: str = "fp32", seed: int = 0,
            max_tiles: int = 12, max_frames: int = 8, timeout: float = 900, backend: Optional[str] = None,
            log=print, megatron_dir: Optional[str] = None, model: Optional[str] = None) -> Dict[str, float]:
     """HF (transformers) vs megatron-core at TP/PP/VPP/SP, loaded from the same HF directory or,
     with `megatron_dir`, from a Megatron checkpoint (its own layout unless tp/pp/vpp are given)."""
-    layout = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                  virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sequence_parallel)
+    layout = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                            virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sequence_parallel)
     if megatron_dir is None:
         candidate = CheckpointRef("hf", hf_dir, layout=layout)
     else:
-        override = {k: v for k, v in layout.items() if v != _DEFAULT_LAYOUT[k]}
-        candidate = CheckpointRef("megatron", megatron_dir, model, override or None)
+        # A Megatron checkpoint runs at its own layout except where an argument leaves the default.
+        candidate = CheckpointRef("megatron", megatron_dir, model)
+        default = ParallelConfig()
+        changes = {name: getattr(layout, name) for name in _LAYOUT_FLAGS.values()
+                   if getattr(layout, name) != getattr(default, name)}
+        if changes:
+            candidate.with_layout(**changes)
     return verify_pair(CheckpointRef("hf", hf_dir), candidate, image, video, dtype, seed, max_tiles, max_frames,
                        timeout, backend, log)
 
@@ -346,11 +318,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=900, help="seconds before the spawned ranks are killed")
 
 
-def _layout_flags(args) -> Optional[Dict]:
-    given = {k: v for k, v in (("tensor_model_parallel_size", args.tp), ("pipeline_model_parallel_size", args.pp),
-                               ("virtual_pipeline_model_parallel_size", args.vpp),
-                               ("sequence_parallel", args.sequence_parallel or None)) if v is not None}
-    return given or None
+def _layout_flags(args) -> Dict:
+    """The ParallelConfig fields the command line set (a flag not given keeps the checkpoint's value)."""
+    given = {name: getattr(args, dest) for dest, name in _LAYOUT_FLAGS.items()}
+    given["sequence_parallel"] = given["sequence_parallel"] or None
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -367,11 +339,13 @@ def run(args: argparse.Namespace) -> int:
         reference = CheckpointRef("megatron", args.reference_megatron, args.model)
     flags = _layout_flags(args)
     if args.megatron:
-        candidate = CheckpointRef("megatron", args.megatron, args.model, flags)
+        candidate = CheckpointRef("megatron", args.megatron, args.model)
+        if flags:
+            candidate.with_layout(**flags)
     elif args.candidate_hf:
         candidate = CheckpointRef("hf", args.candidate_hf)
     elif args.hf:
-        candidate = CheckpointRef("hf", args.hf, layout={**_DEFAULT_LAYOUT, **(flags or {})})
+        candidate = CheckpointRef("hf", args.hf).with_layout(**flags)
     else:
         raise ValueError("--reference-megatron needs a candidate: --megatron DIR or --candidate-hf DIR")
     summary = verify_pair(reference, candidate, args.image, args.video, args.dtype, args.seed, args.max_tiles,

@@ -57,6 +57,20 @@ def hf_tensors(path: str) -> Dict[str, torch.Tensor]:
     return out
 
 
+def layout(tp: int = 1, pp: int = 1, vpp=None, first=None, last=None, divisor: int = 1):
+    """A Megatron layout (the converter's ParallelConfig) in the short form the tests use."""
+    from megatron_vita.config.parallel import ParallelConfig
+
+    return ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                          virtual_pipeline_model_parallel_size=vpp, num_layers_in_first_pipeline_stage=first,
+                          num_layers_in_last_pipeline_stage=last, make_vocab_size_divisible_by=divisor)
+
+
+def split_of(par):
+    """(TP, PP, VPP, first-stage layers, last-stage layers) of a layout."""
+    return (par.tp, par.pp, par.vpp, par.num_layers_in_first_pipeline_stage, par.num_layers_in_last_pipeline_stage)
+
+
 def assert_same_tensors(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> None:
     assert sorted(a) == sorted(b), sorted(set(a) ^ set(b))
     diff = [k for k in a if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape or not torch.equal(a[k], b[k])]

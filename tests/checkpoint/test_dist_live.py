@@ -58,7 +58,7 @@ def _rank(rank, world, hf_dir, converted, save_root):
 
 def test_dist_checkpoints_round_trip_through_megatron(tiny_hf_dir, tiny_tensors, tmp_path):
     converted, saved = str(tmp_path / "converted"), str(tmp_path / "saved")
-    convert(tiny_hf_dir, converted, "hf", "megatron", tp=1, pp=1, progress=False, log=lambda *a: None)
+    convert(tiny_hf_dir, converted, "hf", "megatron", progress=False, log=lambda *a: None)
     os.makedirs(saved)
     results = spawn(_rank, 4, tiny_hf_dir, converted, saved, timeout=240)
     for how, differ, checked in results:

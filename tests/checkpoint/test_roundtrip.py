@@ -14,7 +14,7 @@ import stat
 
 import pytest
 import torch
-from ckpttest_lib import assert_same_tensors, hf_tensors
+from ckpttest_lib import assert_same_tensors, hf_tensors, layout, split_of
 
 from megatron_vita.checkpoint.convert import convert
 from megatron_vita.hf.tiny import create_tiny
@@ -28,9 +28,9 @@ def run(src, dst, frm, to, **kw):
     return convert(str(src), str(dst), frm, to, progress=False, log=quiet, **kw)
 
 
-LAYOUTS_TINY = [dict(tp=1, pp=1), dict(tp=2, pp=1), dict(tp=1, pp=2), dict(tp=2, pp=2),
-                dict(tp=1, pp=2, vpp=2), dict(tp=2, pp=2, first_stage_layers=3, last_stage_layers=1)]
-LAYOUTS_WIDE = [dict(tp=4, pp=1), dict(tp=4, pp=2), dict(tp=4, pp=2, vpp=2)]
+LAYOUTS_TINY = [layout(1, 1), layout(2, 1), layout(1, 2), layout(2, 2), layout(1, 2, vpp=2),
+                layout(2, 2, first=3, last=1)]
+LAYOUTS_WIDE = [layout(4, 1), layout(4, 2), layout(4, 2, vpp=2)]
 
 
 def load_rank_files(root):
@@ -59,14 +59,12 @@ def test_hf_to_megatron_to_hf_is_bit_exact(fmt, names, tiny_hf_dir, wide_hf_dir,
     cases += [(wide_hf_dir, wide_tensors, lay) for lay in LAYOUTS_WIDE]
     for k, (src, tensors, lay) in enumerate(cases):
         mg, back = tmp_path / f"mg{k}", tmp_path / f"hf{k}"
-        run(src, mg, "hf", "megatron", megatron_format=fmt, names=names, **lay)
+        run(src, mg, "hf", "megatron", megatron_format=fmt, names=names, layout=lay)
         if fmt == "legacy":
             read = LegacySource(str(mg))
-            got = (read.layout.tp, read.layout.pp, read.layout.vpp, read.layout.first_stage_layers,
-                   read.layout.last_stage_layers)
-            want = (lay["tp"], lay["pp"], lay.get("vpp"), lay.get("first_stage_layers"), lay.get("last_stage_layers"))
-            assert got == want, (lay, got)
-            assert len(os.listdir(read.iter_dir)) == lay["tp"] * lay["pp"]
+            got = split_of(read.layout)
+            assert got == split_of(lay), (lay, got)
+            assert len(os.listdir(read.iter_dir)) == lay.tp * lay.pp
         else:
             read = DistSource(str(mg))
         assert read.naming == names
@@ -79,7 +77,7 @@ def test_hf_to_megatron_to_hf_is_bit_exact(fmt, names, tiny_hf_dir, wide_hf_dir,
 def test_legacy_files_hold_the_released_structure(tiny_hf_dir, tiny_tensors, tmp_path):
     """mindspeed names, TP2 PP2 VPP2: chunk-local layer numbers, row splits, dummy, args, version."""
     run(tiny_hf_dir, tmp_path / "mg", "hf", "megatron", megatron_format="legacy", names="mindspeed",
-        tp=2, pp=2, vpp=2, iteration=7)
+        layout=layout(2, 2, vpp=2), iteration=7)
     pieces, meta = load_rank_files(str(tmp_path / "mg"))
     assert sorted(meta) == ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
     m = meta["mp_rank_01_001"]
@@ -106,11 +104,11 @@ def test_megatron_to_megatron_resharding_is_bit_exact(wide_hf_dir, wide_tensors,
     """A chain of reshardings across formats and namings; each step equals a direct HF conversion."""
     from megatron_vita.checkpoint.dist_format import DistSource
 
-    chain = [dict(megatron_format="legacy", names="mindspeed", tp=8, pp=1),
-             dict(megatron_format="torch_dist", names="mcore", tp=2, pp=2),
-             dict(megatron_format="legacy", names="te", tp=1, pp=2, vpp=2),
-             dict(megatron_format="legacy", names="mcore", tp=2, pp=2, first_stage_layers=1, last_stage_layers=3),
-             dict(megatron_format="torch_dist", names="te", tp=4, pp=1)]
+    chain = [dict(megatron_format="legacy", names="mindspeed", layout=layout(8, 1)),
+             dict(megatron_format="torch_dist", names="mcore", layout=layout(2, 2)),
+             dict(megatron_format="legacy", names="te", layout=layout(1, 2, vpp=2)),
+             dict(megatron_format="legacy", names="mcore", layout=layout(2, 2, first=1, last=3)),
+             dict(megatron_format="torch_dist", names="te", layout=layout(4, 1))]
     prev = None
     for k, step in enumerate(chain):
         out, direct = tmp_path / f"step{k}", tmp_path / f"direct{k}"
@@ -142,7 +140,7 @@ def test_vocab_padding_is_zero_rows_dropped_on_export(fmt, tiny_hf_dir, tiny_ten
     from megatron_vita.checkpoint.dist_format import DistSource
 
     # 512 rows padded to a multiple of 100 x TP2 = 600: pieces of 300 rows, the last 88 zeros.
-    run(tiny_hf_dir, tmp_path / "mg", "hf", "megatron", megatron_format=fmt, tp=2, make_vocab_size_divisible_by=100)
+    run(tiny_hf_dir, tmp_path / "mg", "hf", "megatron", megatron_format=fmt, layout=layout(2, divisor=100))
     emb = tiny_tensors["model.embed_tokens.weight"]
     if fmt == "legacy":
         pieces, meta = load_rank_files(str(tmp_path / "mg"))
@@ -167,7 +165,7 @@ def test_dtype_cast_and_bin_source(tiny_hf_dir, tiny_tensors, tmp_path):
     src.mkdir()
     shutil.copy(os.path.join(tiny_hf_dir, "config.json"), src / "config.json")
     torch.save(dict(tiny_tensors), src / "pytorch_model.bin")
-    run(src, tmp_path / "mg", "hf", "megatron", megatron_format="legacy", tp=2, dtype="bf16")
+    run(src, tmp_path / "mg", "hf", "megatron", megatron_format="legacy", layout=layout(2), dtype="bf16")
     run(tmp_path / "mg", tmp_path / "back", "megatron", "hf")
     assert_same_tensors({k: v.to(torch.bfloat16) for k, v in tiny_tensors.items()}, hf_tensors(tmp_path / "back"))
     assert json.load(open(tmp_path / "back" / "config.json"))["dtype"] == "bfloat16"
@@ -175,7 +173,7 @@ def test_dtype_cast_and_bin_source(tiny_hf_dir, tiny_tensors, tmp_path):
 
 def test_tp_above_kv_groups_is_refused(tiny_hf_dir, tmp_path):
     with pytest.raises(ValueError, match="KV groups"):
-        run(tiny_hf_dir, tmp_path / "mg", "hf", "megatron", tp=4)
+        run(tiny_hf_dir, tmp_path / "mg", "hf", "megatron", layout=layout(4))
     assert not (tmp_path / "mg").exists()
 
 

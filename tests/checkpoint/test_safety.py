@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from ckpttest_lib import assert_same_tensors, hf_tensors
+from ckpttest_lib import assert_same_tensors, hf_tensors, layout
 
 from megatron_vita.checkpoint.convert import convert
 from megatron_vita.checkpoint.safe_load import UnsafeCheckpointError
@@ -114,7 +114,7 @@ def test_megatron_key_shape_and_config_errors(tiny_hf_dir, wide_hf_dir, tmp_path
 
     tiny, wide = ModelConfig.from_hf_dir(tiny_hf_dir).to_hf_dict(), ModelConfig.from_hf_dir(wide_hf_dir).to_hf_dict()
     key = next(k for k in sorted(tiny) if tiny[k] != wide[k])
-    run(tiny_hf_dir, tmp_path / "mg", "hf", "megatron", megatron_format="legacy", names="mindspeed", tp=2)
+    run(tiny_hf_dir, tmp_path / "mg", "hf", "megatron", megatron_format="legacy", names="mindspeed", layout=layout(2))
     # The checkpoint carries its config; a different --model is a config mismatch naming the fields.
     with pytest.raises(ValueError, match=r"config mismatch") as e:
         run(tmp_path / "mg", tmp_path / "out", "megatron", "hf", model=wide_hf_dir)
@@ -211,13 +211,15 @@ def test_unusable_output_is_one_line_before_any_work(tiny_hf_dir, tmp_path):
 KILLER = """
 import os, signal, sys
 from megatron_vita.checkpoint.convert import convert
+from megatron_vita.config.parallel import ParallelConfig
 count = 0
 def on_tensor(name, nbytes):
     global count
     count += 1
     if count == int(sys.argv[5]):
         os.kill(os.getpid(), signal.SIGKILL)
-convert(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], tp=2, megatron_format=sys.argv[6], progress=False,
+convert(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], layout=ParallelConfig(tensor_model_parallel_size=2),
+        megatron_format=sys.argv[6], progress=False,
         on_tensor=on_tensor)
 """
 
@@ -241,7 +243,7 @@ def test_sigkill_mid_forced_conversion_keeps_the_old_checkpoint(tiny_hf_dir, tin
 def test_sigkill_mid_conversion_leaves_nothing_valid_and_rerun_succeeds(target, tiny_hf_dir, tiny_tensors, tmp_path):
     if target == "hf":
         src, frm, to = tmp_path / "mg", "megatron", "hf"
-        run(tiny_hf_dir, src, "hf", "megatron", megatron_format="legacy", tp=2)
+        run(tiny_hf_dir, src, "hf", "megatron", megatron_format="legacy", layout=layout(2))
     else:
         src, frm, to = tiny_hf_dir, "hf", "megatron"
     dst = tmp_path / "out" / "ckpt"
@@ -259,7 +261,7 @@ def test_sigkill_mid_conversion_leaves_nothing_valid_and_rerun_succeeds(target, 
     with pytest.raises((FileNotFoundError, ValueError)):
         run(partial, tmp_path / "x", "megatron" if to == "megatron" else "hf", "hf")
     # The rerun succeeds and clears the dead run's partial directory.
-    run(src, dst, frm, to, tp=2, megatron_format="legacy" if target == "hf" else target)
+    run(src, dst, frm, to, layout=layout(2), megatron_format="legacy" if target == "hf" else target)
     assert os.listdir(tmp_path / "out") == ["ckpt"]
     back = dst if to == "hf" else tmp_path / "back"
     if to == "megatron":

@@ -4,6 +4,8 @@ import re
 import subprocess
 import sys
 
+from ckpttest_lib import layout
+
 from megatron_vita.checkpoint.convert import convert
 
 LAST_LINE = re.compile(r"^verify: cosine=(?P<cos>[0-9.]+) max_abs=(?P<abs>[0-9.e+-]+) top1=(?P<top1>[0-9.]+)%$")
@@ -23,7 +25,7 @@ def _cli(*args, timeout=400):
 def test_convert_megatron_te_tp2_pp2_to_hf_with_verify(tiny_hf_dir, tmp_path):
     """Reference: megatron-core at TP2 PP2 streaming a TE-named legacy checkpoint; candidate: transformers."""
     src = str(tmp_path / "te")
-    convert(tiny_hf_dir, src, "hf", "megatron", tp=2, pp=2, megatron_format="legacy", names="te", progress=False,
+    convert(tiny_hf_dir, src, "hf", "megatron", layout=layout(2, 2), megatron_format="legacy", names="te", progress=False,
             log=lambda *a: None)
     out = _cli("convert", "--from", "megatron", "--to", "hf", "--input", src, "--output", str(tmp_path / "hf"),
                "--verify", "--no-progress")
