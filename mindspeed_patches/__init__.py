@@ -2,8 +2,10 @@
 
 On the NPU backend `megatron_vita.platform` calls `apply_for_npu()` once, after torch_npu.
 Features (one per fused kernel, each switched on by its CLI flag) register patches on the
-registry; the registry applies them to megatron-core and can remove them exactly. Nothing
-here imports torch or megatron at import time.
+registry; the registry applies them to megatron-core and can remove them exactly. The same
+process-wide registry carries megatron-vita's own megatron-core fixes on every backend
+(`megatron_vita.parallel.megatron_patches`), so `REGISTRY.entries()` lists everything that
+changed megatron-core, and why. Nothing here imports torch or megatron at import time.
 """
 from mindspeed_patches.adaptor import add_arguments, apply_for_npu, import_mindspeed, is_applied, remove_all
 from mindspeed_patches.features import FEATURES, Feature, FeatureArgumentError, FeatureManager
@@ -13,6 +15,7 @@ from mindspeed_patches.registry import (
     MegatronVersionError,
     MegatronVersionWarning,
     PatchConflictError,
+    PatchEntry,
     PatchError,
     PatchRegistry,
     PatchTargetError,
@@ -27,6 +30,6 @@ __all__ = [
     "add_arguments", "apply_for_npu", "import_mindspeed", "is_applied", "remove_all",
     "FEATURES", "Feature", "FeatureArgumentError", "FeatureManager",
     "EXPECTED_MEGATRON_CORE", "REGISTRY", "MegatronVersionError", "MegatronVersionWarning",
-    "PatchConflictError", "PatchError", "PatchRegistry", "PatchTargetError", "apply_patches",
+    "PatchConflictError", "PatchEntry", "PatchError", "PatchRegistry", "PatchTargetError", "apply_patches",
     "check_megatron_core_version", "installed_megatron_core_version", "register_patch", "remove_patches",
 ]

@@ -17,6 +17,9 @@ name IS the original object gets the patched one (and the original back on
 alone: holding the original under a different name is how other patchers keep a handle
 on it, and redirecting that handle would make them call themselves.
 
+Each registration may carry a one-line `reason`; `entries()` lists every registered function
+with its target and reason, so the registry itself says everything that was changed and why.
+
 The targets were written for megatron-core `EXPECTED_MEGATRON_CORE`. A target that does not
 exist fails before anything is patched, naming the missing symbol and both versions,
 instead of the obscure ImportError an upgrade of megatron-core otherwise produces.
@@ -135,12 +138,24 @@ class _Applied:
     created_modules: List[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class PatchEntry:
+    """One registered function: what it patches, how, why, and whether it is applied now."""
+
+    target: str
+    function: str  # the replacement's or wrapper's qualified name ("placeholder" for create_dummy)
+    kind: str  # "replacement" | "wrapper" | "placeholder"
+    reason: str
+    applied: bool
+
+
 @dataclass
 class _Patch:
     target: str
     replacement: Optional[Callable] = None
     wrappers: List[Callable] = field(default_factory=list)
     create_dummy: bool = False
+    reasons: Dict[Any, str] = field(default_factory=dict)  # function (None: the placeholder) -> reason
     applied: Optional[_Applied] = None
     stale: bool = False  # registered to since it was applied: recompose on the next apply
 
@@ -185,11 +200,11 @@ class PatchRegistry:
     # -- registration -------------------------------------------------------------------
 
     def register_patch(self, target: str, new: Optional[Callable] = None, force: bool = False,
-                       create_dummy: bool = False) -> None:
+                       create_dummy: bool = False, reason: str = "") -> None:
         """Record a patch of `target`; nothing changes until `apply_patches()`.
 
         Registering the same wrapper or replacement object twice is a no-op, so features may
-        register idempotently.
+        register idempotently. `reason`: one line saying why (listed by `entries()`).
         """
         parts = target.split(".") if isinstance(target, str) else []
         if len(parts) < 2 or not all(p.isidentifier() for p in parts):
@@ -200,23 +215,25 @@ class PatchRegistry:
                              "unless create_dummy=True")
         if new is not None and not callable(new):
             raise ValueError(f"mindspeed_patches: the patch for {target} must be callable, got {new!r}")
+        if "\n" in reason:
+            raise ValueError(f"mindspeed_patches: the reason for patching {target} must be one line")
         patch = self._patches.setdefault(target, _Patch(target))
         patch.create_dummy = patch.create_dummy or create_dummy
-        if new is None:
-            return
-        if is_wrapper(new):
+        if new is not None and is_wrapper(new):
             if new not in patch.wrappers:
                 patch.wrappers.append(new)
                 patch.stale = True
-            return
-        if patch.replacement is not None and patch.replacement is not new and not force:
-            raise PatchConflictError(
-                f"mindspeed_patches: {target} is replaced twice: by {_describe(patch.replacement)} and by "
-                f"{_describe(new)}. Only one replacement per target; make one of them a wrapper (a "
-                "function named '*_wrapper' that receives the current target) or pass force=True")
-        if patch.replacement is not new:
-            patch.replacement = new
-            patch.stale = True
+        elif new is not None:
+            if patch.replacement is not None and patch.replacement is not new and not force:
+                raise PatchConflictError(
+                    f"mindspeed_patches: {target} is replaced twice: by {_describe(patch.replacement)} and by "
+                    f"{_describe(new)}. Only one replacement per target; make one of them a wrapper (a "
+                    "function named '*_wrapper' that receives the current target) or pass force=True")
+            if patch.replacement is not new:
+                patch.replacement = new
+                patch.stale = True
+        if reason or new not in patch.reasons:
+            patch.reasons[new] = reason
 
     def registered(self) -> List[str]:
         """Registered targets, in registration order."""
@@ -235,6 +252,19 @@ class PatchRegistry:
             state = "applied" if patch.applied else "pending"
             lines.append(f"{patch.target}: {replacement}; wrappers: {wrappers} ({state})")
         return "\n".join(lines)
+
+    def entries(self) -> List[PatchEntry]:
+        """Every registered function, by target in registration order, innermost first."""
+        out = []
+        for patch in self._patches.values():
+            functions = [("replacement", patch.replacement)] if patch.replacement is not None else []
+            if patch.replacement is None and patch.create_dummy:
+                functions.append(("placeholder", None))
+            functions += [("wrapper", w) for w in patch.wrappers]
+            for kind, fn in functions:
+                name = "placeholder" if fn is None else _describe(fn)
+                out.append(PatchEntry(patch.target, name, kind, patch.reasons.get(fn, ""), bool(patch.applied)))
+        return out
 
     # -- apply / remove -----------------------------------------------------------------
 

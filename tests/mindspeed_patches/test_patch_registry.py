@@ -356,3 +356,27 @@ def test_wrapper_returning_none_fails_and_rolls_back(toy_pkg):
     with pytest.raises(PatchError, match="broken_wrapper.*returned None"):
         r.apply_patches()
     assert toy_pkg.core.helper is original_helper and toy_pkg.user.compute(1) == 2
+
+
+def test_entries_list_every_function_with_its_target_kind_and_reason(toy_pkg):
+    r = PatchRegistry()
+    p = toy_pkg.name
+    r.register_patch(f"{p}.core.compute", new_compute, reason="why new")
+    r.register_patch(f"{p}.core.compute", tag_wrapper, reason="why tag")
+    r.register_patch(f"{p}.core.compute", new_compute)  # idempotent: keeps its reason
+    with pytest.raises(PatchConflictError):
+        r.register_patch(f"{p}.core.compute", other_compute, reason="never registered")
+    r.register_patch(f"{p}.core.optional_kernel", create_dummy=True, reason="absent here")
+    with pytest.raises(ValueError, match="one line"):
+        r.register_patch(f"{p}.core.helper", tag_wrapper, reason="two\nlines")
+    assert r.registered() == [f"{p}.core.compute", f"{p}.core.optional_kernel"]
+    r.apply_patches()
+    try:
+        assert [(e.target, e.function.rsplit(".", 1)[-1], e.kind, e.reason, e.applied) for e in r.entries()] == [
+            (f"{p}.core.compute", "new_compute", "replacement", "why new", True),
+            (f"{p}.core.compute", "tag_wrapper", "wrapper", "why tag", True),
+            (f"{p}.core.optional_kernel", "placeholder", "placeholder", "absent here", True),
+        ]
+    finally:
+        r.remove_patches()
+    assert not any(e.applied for e in r.entries())
