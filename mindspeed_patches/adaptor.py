@@ -103,9 +103,11 @@ def is_applied() -> bool:
 
 
 def remove_all() -> None:
-    """Restore every patch mindspeed_patches applied and forget the registrations (tests).
+    """Restore every patch on the registry and forget the registrations (tests).
 
-    MindSpeed's own patches, when it was imported, are not undone: it has no removal.
+    That includes megatron-vita's own fixes (`megatron_vita.parallel.megatron_patches`, which
+    registers them again when applied). MindSpeed's own patches, when it was imported, are not
+    undone: it has no removal.
     """
     global _ENABLED
     REGISTRY.clear()

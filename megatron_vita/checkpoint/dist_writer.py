@@ -4,10 +4,13 @@ megatron-core 0.12.1's torch_dist writer forks a multiprocessing Manager and one
 file bucket for every save. In a training process that is unsafe: the data pipeline's threads
 (decord readers, tokenizers, the planner) may hold locks or objects at the moment of fork, and a
 child then hangs (seen: a decord VideoReader finalised in the forked child), and the Manager
-server outlives a rank that exits early. This writer produces the same files (same planner,
-same bucket format, same metadata) but writes its buckets in the caller, one after another.
-It also passes torch >= 2.8's `serialization_format` to torch's item writer, which
-megatron-core 0.12.1's own writer omits (its saves fail on torch 2.13).
+server outlives a rank that exits early. The two patches here (`write_buckets_in_process`
+for `FileSystemWriterAsync.write_preloaded_data_multiproc`, `plain_results_queue` for
+`_get_write_results_queue`, registered in `megatron_vita.parallel.megatron_patches` and
+applied by `platform.activate`) keep megatron's planner, bucket format and metadata but write
+the buckets in the caller, one after another. The writer also passes torch >= 2.8's
+`serialization_format` to torch's item writer, which megatron-core 0.12.1's own writer omits
+(its saves fail on torch 2.13).
 
 Use `save_in_process(sharded_state_dict, checkpoint_dir)` instead of `dist_checkpointing.save`.
 """
@@ -16,12 +19,8 @@ from __future__ import annotations
 import inspect
 import os
 import queue
-from contextlib import contextmanager
-from functools import partial
 
-from megatron.core.dist_checkpointing.strategies import filesystem_async
-from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
-from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+from megatron_vita.parallel import megatron_patches
 
 
 def _item_writer(transform_list):
@@ -46,8 +45,11 @@ def _item_writer(transform_list):
     return write
 
 
-def _write_buckets_here(transform_list, rank, write_buckets, results_queue) -> None:
-    """Write every bucket of this rank to its file; results go where megatron's finalize reads them."""
+def write_buckets_in_process(transform_list, rank, write_buckets, results_queue) -> None:
+    """Write every bucket of this rank to its file; results go where megatron's finalize reads them.
+
+    Replaces megatron's `FileSystemWriterAsync.write_preloaded_data_multiproc` (same arguments).
+    """
     write = _item_writer(transform_list)
     results = {}
     try:
@@ -67,45 +69,22 @@ def _write_buckets_here(transform_list, rank, write_buckets, results_queue) -> N
     results_queue.put(results)
 
 
-class InProcessFileSystemWriter(FileSystemWriterAsync):
-    """FileSystemWriterAsync whose write step runs in the calling process."""
-
-    def prepare_write_data(self, plan, planner) -> None:
-        original = filesystem_async._get_write_results_queue
-        filesystem_async._get_write_results_queue = queue.Queue  # no Manager process
-        try:
-            super().prepare_write_data(plan, planner)
-        finally:
-            filesystem_async._get_write_results_queue = original
-
-    def get_save_function_and_args(self):
-        fn, stage_fn, args = super().get_save_function_and_args()
-        if fn is None:
-            return fn, stage_fn, args
-        transform_list = [self.transforms] if hasattr(self, "transforms") else []
-        return partial(_write_buckets_here, transform_list), stage_fn, args
-
-
-@contextmanager
-def _in_process_writer():
-    original = torch_strategy.FileSystemWriterAsync
-    torch_strategy.FileSystemWriterAsync = InProcessFileSystemWriter
-    try:
-        yield
-    finally:
-        torch_strategy.FileSystemWriterAsync = original
+def plain_results_queue() -> queue.Queue:
+    """Replaces megatron's `_get_write_results_queue` (a multiprocessing Manager's queue): the
+    results are written and read in the same process."""
+    return queue.Queue()
 
 
 def save_in_process(sharded_state_dict, checkpoint_dir: str) -> None:
     """`dist_checkpointing.save` whose writes run in this process (all ranks call it).
 
-    megatron's synchronous save still runs the write step in a forked process; asking for the
-    asynchronous request and executing it here keeps everything in the caller.
+    Asks megatron for the asynchronous request and executes it here, after its preload step
+    (device -> host copies), as megatron's asynchronous caller would in another process.
     """
     from megatron.core import dist_checkpointing
 
-    with _in_process_writer():
-        request = dist_checkpointing.save(sharded_state_dict, checkpoint_dir, async_sharded_save=True)
+    megatron_patches.require("dist-save-in-process", "dist-save-plain-queue")
+    request = dist_checkpointing.save(sharded_state_dict, checkpoint_dir, async_sharded_save=True)
     args = list(request.async_fn_args)
     if request.preload_fn is not None and args:
         args[1] = request.preload_fn()  # device -> host copies of this rank's buckets

@@ -5,9 +5,11 @@ Selection order: an explicit request (`--backend`), then `MEGATRON_VITA_BACKEND`
 `transfer_to_npu` makes `torch.cuda.is_available()` report the NPU.
 
 A `Platform` owns: the device, the torch.distributed backend (gloo / nccl / hccl), the
-accelerator module (torch.cuda / torch.npu / a CPU stand-in), RNG state, memory statistics and
-synchronize. Model code asks it nothing: only this package, spec leaves and mindspeed_patches
-know which backend runs.
+accelerator module (torch.cuda / torch.npu / a CPU stand-in), RNG state (the CPU generator, the
+accelerator's and megatron's tracker: seeding, checkpoints and resume go through it), memory
+statistics and synchronize. Model code asks it nothing: only this package, spec leaves and
+mindspeed_patches know which backend runs. `activate` also applies, once per process, every
+megatron-core patch of the backend (`megatron_vita.parallel.megatron_patches`).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import importlib
 import importlib.util
 import os
 import resource
+import sys
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -101,20 +104,40 @@ class Platform:
         self.accelerator.empty_cache()
 
     def manual_seed(self, seed: int) -> None:
+        """Seed the CPU generator, the accelerator's and, once megatron's model-parallel groups
+        exist, megatron's RNG tracker (its tensor-parallel streams), as Megatron-LM seeds."""
         torch.manual_seed(seed)
         if self.name != "cpu":
             self.accelerator.manual_seed(seed)
+        # Groups cannot exist unless megatron's parallel_state was imported; HF-only processes never import it.
+        ps = sys.modules.get("megatron.core.parallel_state")
+        if ps is not None and ps.model_parallel_is_initialized():
+            from megatron.core import tensor_parallel
 
-    def get_rng_state(self) -> Dict[str, torch.Tensor]:
-        state = {"cpu": torch.get_rng_state()}
+            tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+    def get_rng_state(self) -> Dict[str, Any]:
+        """Every random stream of this process: the CPU generator ("cpu"), the accelerator's
+        (under the backend's name) and megatron's RNG tracker states ("tracker") once megatron's
+        tensor-parallel RNG is loaded. Checkpoints save it per (PP, TP) rank."""
+        state: Dict[str, Any] = {"cpu": torch.get_rng_state()}
         if self.name != "cpu":
             state[self.name] = self.accelerator.get_rng_state()
+        if "megatron.core.tensor_parallel.random" in sys.modules:
+            from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+            state["tracker"] = get_cuda_rng_tracker().get_states()
         return state
 
-    def set_rng_state(self, state: Dict[str, torch.Tensor]) -> None:
+    def set_rng_state(self, state: Dict[str, Any]) -> None:
+        """Restore what `get_rng_state` returned: later draws repeat bit for bit."""
         torch.set_rng_state(state["cpu"])
         if self.name != "cpu" and self.name in state:
             self.accelerator.set_rng_state(state[self.name])
+        if "tracker" in state:
+            from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+            get_cuda_rng_tracker().set_states(state["tracker"])
 
     def memory_stats(self) -> Dict[str, int]:
         """Bytes in use now and at peak: device memory on cuda/npu, process RSS on cpu."""
@@ -176,8 +199,8 @@ def resolve_backend(requested: Optional[str] = None) -> str:
 def activate(requested: Optional[str] = None, *, patch_megatron: bool = True) -> Platform:
     """Select the backend and prepare torch/megatron for it. Idempotent within a process.
 
-    `patch_megatron=False` skips the megatron-side work (the CPU shim, mindspeed_patches) for
-    processes that only run the Hugging Face model.
+    `patch_megatron=False` skips the megatron-side work (megatron_patches, the CPU shim,
+    mindspeed_patches) for processes that only run the Hugging Face model.
     """
     global _ACTIVE
     name = resolve_backend(requested)
@@ -225,9 +248,9 @@ def _patch_megatron(name: str) -> None:
     if name in _PATCHED:
         return
     _quiet_known_warnings()
-    from megatron_vita.parallel import compat
+    from megatron_vita.parallel import megatron_patches
 
-    compat.apply()
+    megatron_patches.apply(name)
     if name == "cpu":
         from megatron_vita.platform import cpu_shim
 

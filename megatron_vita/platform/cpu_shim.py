@@ -8,8 +8,11 @@ inv_freq on `torch.cuda.current_device()`, `device='cuda'` tensors in the optimi
 `grad.type() == 'torch.cuda.FloatTensor'` asserts in clip_grads, `pin_memory=True` in
 rope_utils, and current_device()/streams/events in DDP buffers, schedules and p2p.
 
-Installed once per process by `megatron_vita.platform.activate("cpu")`; `installed_sites()`
-lists which call sites were redirected (useful when a megatron upgrade adds new ones).
+Installed once per process by `megatron_vita.platform.activate("cpu")`; `changes()` lists what
+it changes in torch and why, `installed_sites()` which call sites were redirected (useful when a
+megatron upgrade adds new ones). It changes nothing in megatron-core: megatron's own CUDA RNG
+hooks are answered by `get_cpu_rng_state` / `set_cpu_rng_state`, registered with every other
+megatron-core patch in `megatron_vita.parallel.megatron_patches`.
 """
 from __future__ import annotations
 
@@ -118,12 +121,58 @@ class _Stream(_NullContext):
         pass
 
 
-def _cpu_rng_get(*args, **kwargs):
+def get_cpu_rng_state(*args, **kwargs):
+    """megatron's `_get_cuda_rng_state` on the CPU (registered in parallel/megatron_patches.py)."""
     return torch.get_rng_state()
 
 
-def _cpu_rng_set(state, *args, **kwargs):
+def set_cpu_rng_state(state, *args, **kwargs):
+    """megatron's `_set_cuda_rng_state` on the CPU (registered in parallel/megatron_patches.py)."""
     torch.set_rng_state(state)
+
+
+def _none(*args, **kwargs):
+    return None
+
+
+def _zero(*args, **kwargs):
+    return 0
+
+
+# (attribute of torch.cuda, its CPU answer, who calls it). Not megatron-core patches: these
+# change torch, for every caller in the process, as transfer_to_npu does on Ascend.
+_TORCH_CUDA = (
+    ("current_device", lambda: "cpu", "megatron's DDP buffers, RoPE, optimizers and p2p place tensors there"),
+    ("device_count", lambda: 1, "megatron's local-rank arithmetic"),
+    ("set_device", _none, "rank start-up"),
+    # megatron forks "CUDA" RNG states for tensor-parallel dropout; on CPU they live in the CPU
+    # generator. manual_seed_all is left alone: torch.manual_seed calls it.
+    ("get_rng_state", get_cpu_rng_state, "megatron's RNG tracker and checkpointing"),
+    ("set_rng_state", set_cpu_rng_state, "megatron's RNG tracker and checkpointing"),
+    ("manual_seed", lambda seed: torch.manual_seed(seed), "megatron's model_parallel_cuda_manual_seed"),
+    ("synchronize", _none, "megatron's timers and device-to-host copies"),
+    ("empty_cache", _none, "megatron's memory clean-ups"),
+    ("current_stream", lambda *a, **k: _Stream(), "megatron's DDP overlap, schedules and p2p"),
+    ("default_stream", lambda *a, **k: _Stream(), "megatron's DDP overlap, schedules and p2p"),
+    ("Stream", _Stream, "megatron's DDP overlap, schedules and p2p"),
+    ("Event", _Event, "megatron's DDP overlap, schedules and p2p"),
+    ("stream", lambda *a, **k: _NullContext(), "megatron's DDP overlap, schedules and p2p"),
+    ("nvtx.range_push", _none, "megatron's profiling ranges"),
+    ("nvtx.range_pop", _none, "megatron's profiling ranges"),
+    ("memory_allocated", _zero, "megatron's memory reports"),
+    ("max_memory_allocated", _zero, "megatron's memory reports"),
+    ("memory_reserved", _zero, "megatron's memory reports"),
+    ("max_memory_reserved", _zero, "megatron's memory reports"),
+    ("reset_peak_memory_stats", _none, "megatron's memory reports"),
+)
+_MODE_REASON = ("'cuda' placements (device=, .cuda(), .to), pin_memory and megatron's "
+                "'torch.cuda.*Tensor' type checks, for every torch call in the process")
+
+
+def changes():
+    """(target, reason) of every torch-level change the shim makes, the function mode first."""
+    return ([("torch function mode (transfer_to_cpu)", _MODE_REASON)]
+            + [(f"torch.cuda.{attr}", reason) for attr, _, reason in _TORCH_CUDA])
 
 
 def install(record_sites: bool = False) -> None:
@@ -137,35 +186,10 @@ def install(record_sites: bool = False) -> None:
     _MODE = _CudaToCpu()
     # Entered for the life of the process, like transfer_to_npu's global patching.
     _MODE.__enter__()
-
-    cuda = torch.cuda
-    cuda.current_device = lambda: "cpu"
-    cuda.device_count = lambda: 1
-    cuda.set_device = lambda *a, **k: None
-    # RNG: megatron forks "CUDA" RNG states for tensor-parallel dropout; on CPU they live in
-    # the CPU generator. manual_seed_all is left alone: torch.manual_seed calls it.
-    cuda.get_rng_state = _cpu_rng_get
-    cuda.set_rng_state = _cpu_rng_set
-    cuda.manual_seed = lambda seed: torch.manual_seed(seed)
-    cuda.synchronize = lambda *a, **k: None
-    cuda.empty_cache = lambda: None
-    cuda.current_stream = lambda *a, **k: _Stream()
-    cuda.default_stream = lambda *a, **k: _Stream()
-    cuda.Stream = _Stream
-    cuda.Event = _Event
-    cuda.stream = lambda *a, **k: _NullContext()
-    cuda.nvtx.range_push = lambda *a, **k: None
-    cuda.nvtx.range_pop = lambda *a, **k: None
-    cuda.memory_allocated = lambda *a, **k: 0
-    cuda.max_memory_allocated = lambda *a, **k: 0
-    cuda.memory_reserved = lambda *a, **k: 0
-    cuda.max_memory_reserved = lambda *a, **k: 0
-    cuda.reset_peak_memory_stats = lambda *a, **k: None
-
-    from megatron.core.tensor_parallel import random as mrandom
-
-    mrandom._get_cuda_rng_state = _cpu_rng_get
-    mrandom._set_cuda_rng_state = _cpu_rng_set
+    for attr, value, _ in _TORCH_CUDA:
+        path, _, name = attr.rpartition(".")
+        owner = torch.cuda.nvtx if path == "nvtx" else torch.cuda
+        setattr(owner, name, value)
 
 
 def is_installed() -> bool:

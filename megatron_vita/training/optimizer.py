@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from contextlib import contextmanager
 from typing import Dict, List, Sequence
 
 import torch
-from megatron.core import optimizer as megatron_optimizer
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_vita.parallel import megatron_patches
 from megatron_vita.training.config import OptimConfig
 
 _VIT_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
@@ -57,18 +56,15 @@ def _split_groups_by_param_lr_mult(groups: List[dict]) -> List[dict]:
     return out
 
 
-@contextmanager
-def _per_parameter_lr_groups():
-    original = megatron_optimizer._get_param_groups
+def param_groups_by_lr_mult_wrapper(get_param_groups):
+    """megatron's `_get_param_groups`, each group split by its parameters' `lr_mult` (a patch of
+    megatron-core, registered in megatron_vita.parallel.megatron_patches; without `lr_mult`
+    the groups are megatron's)."""
 
-    def grouped(*args, **kwargs):
-        return _split_groups_by_param_lr_mult(original(*args, **kwargs))
+    def get_param_groups_by_lr_mult(*args, **kwargs):
+        return _split_groups_by_param_lr_mult(get_param_groups(*args, **kwargs))
 
-    megatron_optimizer._get_param_groups = grouped
-    try:
-        yield
-    finally:
-        megatron_optimizer._get_param_groups = original
+    return get_param_groups_by_lr_mult
 
 
 def build_optimizer(ddp_chunks: Sequence[torch.nn.Module], optim: OptimConfig, use_distributed_optimizer: bool = False,
@@ -80,8 +76,8 @@ def build_optimizer(ddp_chunks: Sequence[torch.nn.Module], optim: OptimConfig, u
         clip_grad=optim.clip_grad, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=use_distributed_optimizer,
     )
-    with _per_parameter_lr_groups():
-        return get_megatron_optimizer(config, list(ddp_chunks))
+    megatron_patches.require("per-parameter-lr-mult")
+    return get_megatron_optimizer(config, list(ddp_chunks))
 
 
 def build_scheduler(optimizer, optim: OptimConfig, train_iters: int) -> OptimizerParamScheduler:

@@ -115,6 +115,16 @@ def _shim_rank(rank, world_size):
         emb = rotary(ROPE_LEN)
         return dict(shape=list(emb.shape), device=str(emb.device), values=emb.flatten().tolist())
     _attempt(out, "rope", rope)
+
+    def listed_changes():
+        from megatron.core.tensor_parallel import random as megatron_random
+
+        ours = [(f"torch.cuda.{prefix}{n}") for prefix, owner in (("", torch.cuda), ("nvtx.", torch.cuda.nvtx))
+                for n, v in vars(owner).items() if getattr(v, "__module__", None) == cpu_shim.__name__]
+        return dict(listed=[t for t, _ in cpu_shim.changes()], reasons=[bool(r) for _, r in cpu_shim.changes()],
+                    found=ours, megatron_rng_hooks=[megatron_random._get_cuda_rng_state is cpu_shim.get_cpu_rng_state,
+                                                    megatron_random._set_cuda_rng_state is cpu_shim.set_cpu_rng_state])
+    _attempt(out, "changes", listed_changes)
     parallel_state.destroy_model_parallel()
     return out
 
@@ -184,6 +194,14 @@ def test_megatron_rotary_embedding_forward_runs_on_cpu(shim):
     freqs = torch.outer(torch.arange(ROPE_LEN, dtype=torch.float32), inv_freq)
     expected = torch.cat([freqs, freqs], dim=-1)
     torch.testing.assert_close(torch.tensor(rope["values"]).view(ROPE_LEN, ROPE_DIM), expected)
+
+
+def test_every_torch_cuda_change_is_listed_with_a_reason(shim):
+    changes = _ok(shim["changes"])
+    assert all(changes["reasons"]) and changes["listed"][0].startswith("torch function mode")
+    assert sorted(changes["listed"][1:]) == sorted(changes["found"]) and len(changes["found"]) >= 20
+    # megatron's own CUDA RNG hooks are megatron-core patches (parallel/megatron_patches), applied too.
+    assert changes["megatron_rng_hooks"] == [True, True]
 
 
 NO_SHIM_SCRIPT = """
