@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state as ps
-from megatron.core import tensor_parallel
 
+from megatron_vita import platform
 from megatron_vita.config.parallel import ParallelConfig
 
 
@@ -35,7 +35,7 @@ def initialize_parallel(par: ParallelConfig, seed: int = 1234) -> RankInfo:
         virtual_pipeline_model_parallel_size=par.vpp,
         context_parallel_size=par.cp,
     )
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    platform.current().manual_seed(seed)  # CPU, accelerator and megatron tracker streams
     return rank_info()
 
 

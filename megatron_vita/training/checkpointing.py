@@ -34,8 +34,8 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
-from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
+from megatron_vita import platform
 from megatron_vita.checkpoint.dist_writer import save_in_process
 from megatron_vita.checkpoint.safe_load import load_weights_only
 
@@ -140,7 +140,8 @@ def _model_sharded_state(chunks: Sequence[torch.nn.Module]) -> Dict[str, Any]:
 
 
 def _rng_state() -> Dict[str, Any]:
-    return {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    # The platform's: the CPU generator, the accelerator's (on cuda/npu) and megatron's tracker.
+    return platform.current().get_rng_state()
 
 
 def _rng_object(state) -> ShardedObject:
@@ -267,9 +268,7 @@ def load_checkpoint(root: str, ddp_chunks, optimizer=None, scheduler=None, *, lo
     if scheduler is not None and with_optim and state.get("opt_param_scheduler"):  # as Megatron-LM's --no-load-optim
         scheduler.load_state_dict(state["opt_param_scheduler"])
     if load_rng and not finetune:
-        rng = state["rng_state"]
-        torch.set_rng_state(rng["cpu"])
-        get_cuda_rng_tracker().set_states(rng["tracker"])
+        platform.current().set_rng_state(state["rng_state"])
     return {
         "iteration": 0 if finetune else int(state["iteration"]),
         # Checkpoints written before the count was saved resume counting from 0.

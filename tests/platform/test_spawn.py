@@ -1,11 +1,13 @@
 """platform.spawn over real gloo: per-rank results, a failing rank's traceback, a hung rank's timeout.
 
-Also the cpu Platform's memory statistics and RNG round trip, checked inside a spawned rank
-(where activate() ran), so the pytest process never activates a backend.
+Also the cpu Platform's memory statistics and RNG round trip (CPU generator and megatron's
+tracker), checked inside a spawned rank (where activate() ran), so the pytest process never
+activates a backend.
 """
 import time
 
 import pytest
+import torch
 
 from megatron_vita.platform import DistributedRunError, spawn
 
@@ -122,15 +124,25 @@ def _platform_state_rank(rank, world_size):
     after = plat.memory_stats()
     out["memory"] = {"before": before, "during": during, "after": after}
 
+    from megatron.core import parallel_state, tensor_parallel
+
+    parallel_state.initialize_model_parallel(1, 1)
+
+    def draws():  # from the CPU generator, then from megatron's tensor-parallel stream
+        outer = torch.rand(3).tolist()
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            return outer + torch.rand(3).tolist()
+
     plat.manual_seed(7)
-    first = torch.rand(5).tolist()
+    first = draws()
     plat.manual_seed(7)
     state = plat.get_rng_state()
-    replay = torch.rand(5).tolist()
+    replay = draws()
     plat.set_rng_state(state)
-    restored = torch.rand(5).tolist()
+    restored = draws()
     out["rng"] = {"keys": sorted(state), "first": first, "replay": replay, "restored": restored,
-                  "next": torch.rand(5).tolist()}
+                  "next": draws()}
+    parallel_state.destroy_model_parallel()
     return out
 
 
@@ -160,7 +172,11 @@ def test_cpu_memory_stats_follow_process_memory(cpu_platform_state):
 
 def test_cpu_rng_state_round_trip(cpu_platform_state):
     r = cpu_platform_state["rng"]
-    assert r["keys"] == ["cpu"]
-    assert r["replay"] == r["first"]  # manual_seed is deterministic
-    assert r["restored"] == r["replay"]  # set_rng_state rewinds
-    assert r["next"] != r["restored"]
+    assert r["keys"] == ["cpu", "tracker"]  # on cuda/npu the accelerator's state joins them
+    # manual_seed seeds the CPU generator with the seed and megatron's tensor-parallel stream
+    # with seed + 2718 + tp_rank, as megatron's model_parallel_cuda_manual_seed does.
+    assert r["first"][:3] == torch.rand(3, generator=torch.Generator().manual_seed(7)).tolist()
+    assert r["first"][3:] == torch.rand(3, generator=torch.Generator().manual_seed(7 + 2718)).tolist()
+    assert r["replay"] == r["first"]  # manual_seed is deterministic, tracker included
+    assert r["restored"] == r["replay"]  # set_rng_state rewinds both streams
+    assert r["next"][:3] != r["restored"][:3] and r["next"][3:] != r["restored"][3:]
