@@ -131,12 +131,14 @@ def set_cpu_rng_state(state, *args, **kwargs):
     torch.set_rng_state(state)
 
 
-def _none(*args, **kwargs):
-    return None
+def _returns(value):
+    """A new function answering `value`. One per attribute: torch._dynamo keeps one rule per
+    function object and refuses an object that stands for two torch.cuda functions."""
 
+    def answer(*args, **kwargs):
+        return value
 
-def _zero(*args, **kwargs):
-    return 0
+    return answer
 
 
 # (attribute of torch.cuda, its CPU answer, who calls it). Not megatron-core patches: these
@@ -144,26 +146,26 @@ def _zero(*args, **kwargs):
 _TORCH_CUDA = (
     ("current_device", lambda: "cpu", "megatron's DDP buffers, RoPE, optimizers and p2p place tensors there"),
     ("device_count", lambda: 1, "megatron's local-rank arithmetic"),
-    ("set_device", _none, "rank start-up"),
+    ("set_device", _returns(None), "rank start-up"),
     # megatron forks "CUDA" RNG states for tensor-parallel dropout; on CPU they live in the CPU
     # generator. manual_seed_all is left alone: torch.manual_seed calls it.
     ("get_rng_state", get_cpu_rng_state, "megatron's RNG tracker and checkpointing"),
     ("set_rng_state", set_cpu_rng_state, "megatron's RNG tracker and checkpointing"),
     ("manual_seed", lambda seed: torch.manual_seed(seed), "megatron's model_parallel_cuda_manual_seed"),
-    ("synchronize", _none, "megatron's timers and device-to-host copies"),
-    ("empty_cache", _none, "megatron's memory clean-ups"),
+    ("synchronize", _returns(None), "megatron's timers and device-to-host copies"),
+    ("empty_cache", _returns(None), "megatron's memory clean-ups"),
     ("current_stream", lambda *a, **k: _Stream(), "megatron's DDP overlap, schedules and p2p"),
     ("default_stream", lambda *a, **k: _Stream(), "megatron's DDP overlap, schedules and p2p"),
     ("Stream", _Stream, "megatron's DDP overlap, schedules and p2p"),
     ("Event", _Event, "megatron's DDP overlap, schedules and p2p"),
     ("stream", lambda *a, **k: _NullContext(), "megatron's DDP overlap, schedules and p2p"),
-    ("nvtx.range_push", _none, "megatron's profiling ranges"),
-    ("nvtx.range_pop", _none, "megatron's profiling ranges"),
-    ("memory_allocated", _zero, "megatron's memory reports"),
-    ("max_memory_allocated", _zero, "megatron's memory reports"),
-    ("memory_reserved", _zero, "megatron's memory reports"),
-    ("max_memory_reserved", _zero, "megatron's memory reports"),
-    ("reset_peak_memory_stats", _none, "megatron's memory reports"),
+    ("nvtx.range_push", _returns(None), "megatron's profiling ranges"),
+    ("nvtx.range_pop", _returns(None), "megatron's profiling ranges"),
+    ("memory_allocated", _returns(0), "megatron's memory reports"),
+    ("max_memory_allocated", _returns(0), "megatron's memory reports"),
+    ("memory_reserved", _returns(0), "megatron's memory reports"),
+    ("max_memory_reserved", _returns(0), "megatron's memory reports"),
+    ("reset_peak_memory_stats", _returns(None), "megatron's memory reports"),
 )
 _MODE_REASON = ("'cuda' placements (device=, .cuda(), .to), pin_memory and megatron's "
                 "'torch.cuda.*Tensor' type checks, for every torch call in the process")

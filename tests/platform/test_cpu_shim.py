@@ -119,10 +119,11 @@ def _shim_rank(rank, world_size):
     def listed_changes():
         from megatron.core.tensor_parallel import random as megatron_random
 
-        ours = [(f"torch.cuda.{prefix}{n}") for prefix, owner in (("", torch.cuda), ("nvtx.", torch.cuda.nvtx))
-                for n, v in vars(owner).items() if getattr(v, "__module__", None) == cpu_shim.__name__]
+        ours = {f"torch.cuda.{prefix}{n}": v for prefix, owner in (("", torch.cuda), ("nvtx.", torch.cuda.nvtx))
+                for n, v in vars(owner).items() if getattr(v, "__module__", None) == cpu_shim.__name__}
         return dict(listed=[t for t, _ in cpu_shim.changes()], reasons=[bool(r) for _, r in cpu_shim.changes()],
-                    found=ours, megatron_rng_hooks=[megatron_random._get_cuda_rng_state is cpu_shim.get_cpu_rng_state,
+                    found=list(ours), distinct=len({id(v) for v in ours.values()}) == len(ours),
+                    megatron_rng_hooks=[megatron_random._get_cuda_rng_state is cpu_shim.get_cpu_rng_state,
                                                     megatron_random._set_cuda_rng_state is cpu_shim.set_cpu_rng_state])
     _attempt(out, "changes", listed_changes)
     parallel_state.destroy_model_parallel()
@@ -200,6 +201,8 @@ def test_every_torch_cuda_change_is_listed_with_a_reason(shim):
     changes = _ok(shim["changes"])
     assert all(changes["reasons"]) and changes["listed"][0].startswith("torch function mode")
     assert sorted(changes["listed"][1:]) == sorted(changes["found"]) and len(changes["found"]) >= 20
+    # One object per torch.cuda function: torch._dynamo refuses one object standing for two.
+    assert changes["distinct"] is True
     # megatron's own CUDA RNG hooks are megatron-core patches (parallel/megatron_patches), applied too.
     assert changes["megatron_rng_hooks"] == [True, True]
 
