@@ -9,7 +9,6 @@ continues from the checkpoint's, as in Megatron-LM.
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Dict, Optional
 
@@ -141,9 +140,3 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
 def rank_main(rank: int, world: int, cfg: TrainConfig) -> Optional[Dict[str, float]]:
     """Entry of a rank spawned by `megatron-vita train` (gloo/nccl/hccl group already up)."""
     return train(cfg)
-
-
-def default_loss_curve(cfg: TrainConfig) -> Optional[str]:
-    if cfg.loss_curve:
-        return cfg.loss_curve
-    return os.path.join(cfg.save, "loss_curve.png") if cfg.save else None

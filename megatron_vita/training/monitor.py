@@ -18,6 +18,13 @@ import torch
 from megatron_vita.training.config import TrainConfig
 
 
+def default_loss_curve(cfg: TrainConfig) -> Optional[str]:
+    """Where the loss-curve PNG goes: --loss-curve, else <save>/loss_curve.png, else nowhere."""
+    if cfg.loss_curve:
+        return cfg.loss_curve
+    return os.path.join(cfg.save, "loss_curve.png") if cfg.save else None
+
+
 def plot_loss_curve(points: Sequence[Tuple[int, float]], path: str, title: str = "training loss") -> None:
     """A plain line chart (PIL only) of (iteration, loss)."""
     from PIL import Image, ImageDraw
@@ -152,8 +159,6 @@ class TrainLogger:
         summary = data_stats.get("summary") if isinstance(data_stats, dict) else None
         if summary:
             self._print(f"> data: {summary}")
-        from megatron_vita.training.loop import default_loss_curve
-
         path = default_loss_curve(self.cfg)
         if path and self.points:
             plot_loss_curve(self.points, path, title=f"lm loss ({os.path.basename(self.cfg.recipe)})")
