@@ -2,11 +2,13 @@
 
 Importing the package registers the Hugging Face classes (model_type "long_vita") with
 transformers' Auto classes, so `AutoModelForCausalLM.from_pretrained(dir)` loads a released
-Long-VITA checkpoint without trust_remote_code. megatron-core is only imported by the parts
-that build Megatron models.
+Long-VITA checkpoint without trust_remote_code. It does so without importing transformers:
+already-imported Auto modules are registered with now, the others as they load (see
+`megatron_vita.hf`), so `import megatron_vita` and the CLI stay light. megatron-core is only
+imported by the parts that build Megatron models.
 """
 __version__ = "0.1.0"
 
-from megatron_vita.hf import register_auto_classes as _register_auto_classes
+from megatron_vita.hf import register_when_transformers_loads as _register_when_transformers_loads
 
-_register_auto_classes()
+_register_when_transformers_loads()

@@ -1,8 +1,10 @@
 """`megatron-vita <command>`: one thin command line over importable functions.
 
 Each command lives in the module that owns the work; that module exposes
-`add_arguments(parser)` and `run(args) -> int`, and keeps heavy imports inside functions so
-that `megatron-vita --help` stays fast. Only the chosen command's module is imported.
+`add_arguments(parser)` and `run(args) -> int`, and keeps heavy imports inside functions. Only
+the chosen command's module is imported, and in this order: its flags are parsed (argparse
+alone, so `--help` and a mistyped flag cost no torch, transformers or megatron-core), then the
+backend is resolved (torch), then the command runs.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def _backend_parent() -> argparse.ArgumentParser:
 
 def _add_backend_to_subcommands(parser: argparse.ArgumentParser) -> None:
     """Give every nested subcommand (`data inspect`, ...) the --backend flag too, so it may follow
-    any word of the command line; its value is read before parsing (see main)."""
+    any word of the command line."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
@@ -82,25 +84,24 @@ def _glue_negative_values(argv: List[str]) -> List[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = _glue_negative_values(list(sys.argv[1:] if argv is None else argv))
-    from megatron_vita.platform import ENV_VAR, BackendUnavailableError, resolve_backend
-
-    early, _ = _backend_parent().parse_known_args(argv)
-    if "-h" not in argv and "--help" not in argv:
-        # Fail on an unusable backend before importing anything heavy.
-        try:
-            backend = resolve_backend(getattr(early, "backend", None))
-        except BackendUnavailableError as e:
-            print(f"megatron-vita: error: {e}", file=sys.stderr)
-            return 2
-        # Child processes (spawned ranks, dataloader workers) inherit the choice.
-        os.environ[ENV_VAR] = backend
-    command = _chosen_command(argv)
-    parser = build_parser(command)
+    # Flags first: --help and a mistyped flag cost neither torch nor the command's imports (the
+    # command modules import their heavy parts inside run()).
+    parser = build_parser(_chosen_command(argv))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    args.backend = os.environ.get(ENV_VAR, "auto")
+    # Then the backend, before the command runs: an unusable one fails in one line. The
+    # platform module imports torch.
+    from megatron_vita.platform import ENV_VAR, BackendUnavailableError, resolve_backend
+
+    try:
+        args.backend = resolve_backend(getattr(args, "backend", None))
+    except BackendUnavailableError as e:
+        print(f"megatron-vita: error: {e}", file=sys.stderr)
+        return 2
+    # Child processes (spawned ranks, dataloader workers) inherit the choice.
+    os.environ[ENV_VAR] = args.backend
     module = importlib.import_module(COMMANDS[args.command][0])
     return run_command(args.command, module.run, args)
 

@@ -1,14 +1,26 @@
 """Hugging Face side of Long-VITA: transformers classes for the released checkpoint layout.
 
-`register_auto_classes()` (run by `import megatron_vita`) maps model_type "long_vita" to
-these classes in transformers' Auto classes, so released checkpoints load with
-`AutoModelForCausalLM.from_pretrained(dir)` and no remote code. Nothing here imports
-megatron-core.
+Owns the registration of model_type "long_vita" with transformers' Auto classes, so released
+checkpoints load with `AutoModelForCausalLM.from_pretrained(dir)` / `AutoConfig.from_pretrained(dir)`
+and no remote code. `import megatron_vita` calls `register_when_transformers_loads()`: if
+transformers' Auto classes are imported already, the classes are registered at once; else a
+`sys.meta_path` finder registers them as soon as the Auto classes are imported. So a process that
+never uses transformers (`megatron-vita --help`, most of the CLI's checks) does not import it
+and the modeling code. Nothing here imports megatron-core.
 """
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Callable, List, Tuple
+
+# Registering needs LongVITAConfig, whose import (Qwen2Config) brings in transformers' modeling
+# Auto module anyway, so one registration of all three classes runs when the first of these loads.
+AUTO_MODULES = ("transformers.models.auto.configuration_auto", "transformers.models.auto.modeling_auto")
 
 
 def register_auto_classes() -> None:
-    """Register LongVITAConfig / LongVITAModel / LongVITAForCausalLM with the Auto classes.
+    """Register LongVITAConfig / LongVITAModel / LongVITAForCausalLM with the Auto classes now.
 
     Idempotent: a second call re-registers the same classes.
     """
@@ -20,3 +32,92 @@ def register_auto_classes() -> None:
     AutoConfig.register(LongVITAConfig.model_type, LongVITAConfig, exist_ok=True)
     AutoModel.register(LongVITAConfig, LongVITAModel, exist_ok=True)
     AutoModelForCausalLM.register(LongVITAConfig, LongVITAForCausalLM, exist_ok=True)
+
+
+def register_when_transformers_loads() -> None:
+    """Register now if transformers' Auto classes are imported, else as soon as one of them is.
+
+    Idempotent: a watcher installed by an earlier call is left to do its work.
+    """
+    if any(name in sys.modules for name in AUTO_MODULES):
+        register_auto_classes()
+    elif not any(isinstance(f, _AutoModuleWatcher) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AutoModuleWatcher(AUTO_MODULES, register_auto_classes))
+
+
+class _AutoModuleWatcher:
+    """A meta-path finder that runs `register` once one of the `triggers` modules has loaded.
+
+    It cannot run at the moment the Auto module finishes executing: that module is often imported
+    half-way through another one (transformers' `modeling_layers`, imported by `modeling_qwen2`,
+    which `megatron_vita.hf.modeling` itself imports), and registering needs those modules whole.
+    So the watcher wraps the loader of every transformers and megatron_vita module, keeps the
+    stack of those being executed in this thread, and runs what is due when the stack is empty:
+    when the outermost such import returns. It removes itself then.
+    """
+
+    PACKAGES = ("transformers", "megatron_vita")
+
+    def __init__(self, triggers: Tuple[str, ...], register: Callable[[], None]):
+        self.triggers, self.register = triggers, register
+        self.due = False
+        self.lock = threading.Lock()
+        self.local = threading.local()
+
+    def executing(self) -> List[str]:
+        if not hasattr(self.local, "stack"):
+            self.local.stack = []
+        return self.local.stack
+
+    def find_spec(self, name, path, target=None):
+        if name.partition(".")[0] not in self.PACKAGES:
+            return None
+        for finder in list(sys.meta_path):
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec = find(name, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _WatchedLoader(spec.loader, self)
+                return spec
+        return None
+
+    def loaded(self, name: str) -> None:
+        with self.lock:
+            self.due = self.due or name in self.triggers
+            if self.executing() or not self.due or self not in sys.meta_path:
+                return
+            sys.meta_path.remove(self)
+        self.register()
+
+    def invalidate_caches(self) -> None:
+        pass
+
+
+class _WatchedLoader:
+    """Delegates to the real loader; tells the watcher when the module has executed.
+
+    The module keeps the real loader as `__loader__` / `__spec__.loader` (source lookups,
+    resources), so nothing of the wrapper outlives the import.
+    """
+
+    def __init__(self, loader, watcher: _AutoModuleWatcher):
+        self.loader, self.watcher = loader, watcher
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        name = module.__spec__.name
+        module.__spec__.loader = module.__loader__ = self.loader
+        stack = self.watcher.executing()
+        stack.append(name)
+        try:
+            self.loader.exec_module(module)
+        finally:
+            stack.pop()
+        self.watcher.loaded(name)
+
+    def __getattr__(self, attr):
+        return getattr(self.loader, attr)
