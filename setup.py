@@ -18,6 +18,8 @@ CORE = [
     "numpy>=1.26",
     "pillow>=10.0",
     "tqdm>=4.66",
+    # Loss curve and `data inspect` PNGs, drawn headless on the Agg canvas (verified with 3.11.2).
+    "matplotlib>=3.7",
     # megatron.core.dist_checkpointing imports psutil without declaring it.
     "psutil>=5.9",
     "tokenizers>=0.21",

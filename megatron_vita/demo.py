@@ -6,7 +6,7 @@
 3. convert the final checkpoint to the Hugging Face layout;
 4. load it with transformers (AutoModelForCausalLM, no remote code) and answer the held-out
    questions about held-out images and videos: accuracy per question type next to chance;
-5. write the loss curve of both stages as a PNG;
+5. write the loss curve of both stages as a PNG, with where stage 2 starts marked;
 6. verify the export: transformers on the HF files vs megatron-core on the trained checkpoint,
    resharded to TP=2 x PP=2, on a held-out image and video. Its `verify:` line is the last line.
 """
@@ -118,9 +118,11 @@ def run_demo(out: str, tp: int = 2, stage1_iters: int = 30, stage2_iters: int = 
                      min_lr=stage2_lr / 20, vision_lr_mult=1.0, vision_layer_decay=1.0,
                      load=os.path.join(out, "stage1"), finetune=True, **common)
     curve = os.path.join(out, "loss_curve.png")
-    plot_loss_curve([(r["iteration"], r["loss"]) for r in s1] +
-                    [(len(s1) + r["iteration"], r["loss"]) for r in s2], curve,
-                    title=f"demo loss: stage 1 (iterations 1-{len(s1)}) then stage 2")
+    # Stage 2 restarts its iteration count (--finetune): drawn after stage 1 on one axis.
+    offset = s1[-1]["iteration"]
+    plot_loss_curve([(r["iteration"], r["loss"]) for r in s1] + [(offset + r["iteration"], r["loss"]) for r in s2],
+                    curve, title="demo: lm loss of stage 1 (projector only), then stage 2 (all modules)",
+                    stages=[(s1[0]["iteration"], "stage 1"), (offset + s2[0]["iteration"], "stage 2")])
     hf_dir = os.path.join(out, "hf")
     log(f"[demo] 4/6 convert stage 2 -> HF layout at {hf_dir}")
     convert(os.path.join(out, "stage2"), hf_dir, src_format="megatron", dst_format="hf", force=True,

@@ -4,8 +4,8 @@ Owns the command line of the data component. `inspect` prints the recipe setting
 sizes / ratios / caps / selected counts, a token-length histogram of the first documents of
 the stream (their media decoded, so that files which only fail when decoded count as bad),
 the packing efficiency of the first packed sequences, one rendered sample (text with runs of
-feature placeholders collapsed) and writes a PNG of that sample's tiles. Heavy imports stay
-inside functions.
+feature placeholders collapsed) and writes a PNG of that sample's tiles, each captioned with the
+image / tile / video frame it is (matplotlib). Heavy imports stay inside functions.
 """
 from __future__ import annotations
 
@@ -110,7 +110,6 @@ def _resolve_tokenizer(args, recipe) -> Optional[str]:
 
 def _inspect(args) -> int:
     from megatron_vita.config.model import resolve_model_config
-    from megatron_vita.data.image import tile_sheet
     from megatron_vita.data.image import MediaError
     from megatron_vita.data.loader import RecordEvaluator, build_planner
     from megatron_vita.data.readers import RecordFile
@@ -197,10 +196,62 @@ def _inspect(args) -> int:
     print("  " + render_ids(tok, ids, collapse).replace("\n", "\n  "))
     png = args.png or f"inspect_{r.name}.png"
     if len(pix):
-        import torch
-
-        from megatron_vita.data.image import normalize_uint8
-
-        tile_sheet(normalize_uint8(torch.from_numpy(pix))).save(png)
+        labels = tile_labels(ids, ev.tokens, ev.num_image_token)
+        write_tiles_png(png, pix, labels if len(labels) == len(pix) else [f"tile {i}" for i in range(len(pix))],
+                        f"{loc}: {len(ids)} tokens, {len(pix)} tile{'s' if len(pix) != 1 else ''} in token-block order")
         print(f"\nwrote {png} ({len(pix)} tiles of {pix.shape[1]}x{pix.shape[2]}, in token-block order)")
     return 0
+
+
+def tile_labels(ids: List[int], tokens, tokens_per_tile: int) -> List[str]:
+    """A caption per tile, read from the runs of context tokens (each tile is `tokens_per_tile` of
+    them): `<IMG_CONTEXT>` starts an image (its only tile, or its thumbnail when `<PATCH_CONTEXT>`
+    tiles follow), `<VID_CONTEXT>` is a video frame."""
+    kinds = {tokens.img_context: "image", tokens.patch_context: "tile", tokens.vid_context: "frame"}
+    labels: List[str] = []
+    image = tile = frame = 0
+    i = 0
+    while i < len(ids):
+        kind = kinds.get(ids[i])
+        j = i
+        while j < len(ids) and ids[j] == ids[i]:
+            j += 1
+        for _ in range((j - i) // tokens_per_tile if kind else 0):
+            if kind == "image":
+                image, tile = image + 1, 0
+                labels.append(f"image {image}")
+            elif kind == "tile":
+                if tile == 0 and labels:  # the image's first block was its thumbnail
+                    labels[-1] = f"image {image} thumbnail"
+                tile += 1
+                labels.append(f"image {image} tile {tile}")
+            else:
+                frame += 1
+                labels.append(f"frame {frame}")
+        i = j
+    return labels
+
+
+def write_tiles_png(path: str, tiles, labels: List[str], title: str, columns: int = 8) -> None:
+    """The tiles (uint8 [n, H, W, 3]) in a grid, each captioned, drawn with matplotlib's Agg canvas
+    (no display, no pyplot state). Tiles are shown at 112-224 pixels, unsmoothed."""
+    import textwrap
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = len(tiles)
+    cols = max(1, min(columns, n))
+    rows = -(-n // cols)
+    side = min(max(tiles.shape[1], 112), 224) / 100  # inches at dpi 100
+    fig = Figure(figsize=(max(cols * (side + 0.1), 4.0), rows * (side + 0.3) + 0.4), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    # ~13 characters per inch; a long path is cut at the width, not at each of its hyphens.
+    fig.suptitle(textwrap.fill(title, int(fig.get_figwidth() * 13), break_on_hyphens=False), fontsize=9)
+    for k, ax in enumerate(fig.subplots(rows, cols, squeeze=False).flat):
+        ax.set_axis_off()
+        if k < n:
+            ax.imshow(tiles[k], interpolation="nearest")
+            ax.set_title(labels[k], fontsize=8)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)

@@ -8,6 +8,7 @@ scalars to TensorBoard, a progress bar when stderr is a terminal, and at the end
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -25,38 +26,83 @@ def default_loss_curve(cfg: TrainConfig) -> Optional[str]:
     return os.path.join(cfg.save, "loss_curve.png") if cfg.save else None
 
 
-def plot_loss_curve(points: Sequence[Tuple[int, float]], path: str, title: str = "training loss") -> None:
-    """A plain line chart (PIL only) of (iteration, loss)."""
-    from PIL import Image, ImageDraw
+def ema(values: Sequence[float], span: int) -> List[float]:
+    """Exponential moving average with TensorBoard's debiasing (the start is not pulled to 0)."""
+    beta = 1.0 - 2.0 / (span + 1)
+    out, acc = [], 0.0
+    for t, v in enumerate(values, 1):
+        acc = beta * acc + (1.0 - beta) * v
+        out.append(acc / (1.0 - beta ** t))
+    return out
 
-    w, h, left, right, top, bottom = 720, 420, 70, 20, 40, 50
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    d.text((left, 12), title, fill="black")
-    if points:
-        xs, ys = [p[0] for p in points], [p[1] for p in points]
-        x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-        y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
 
-        def px(x, y):
-            return (left + (x - x0) / (x1 - x0) * (w - left - right),
-                    h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
-
-        d.rectangle([left, top, w - right, h - bottom], outline="black")
-        for k in range(5):
-            yv = y0 + (y1 - y0) * k / 4
-            _, yy = px(x0, yv)
-            d.line([left - 4, yy, left, yy], fill="black")
-            d.text((4, yy - 6), f"{yv:.3f}", fill="black")
-        for k in range(5):
-            xv = x0 + (x1 - x0) * k / 4
-            xx, _ = px(xv, y0)
-            d.line([xx, h - bottom, xx, h - bottom + 4], fill="black")
-            d.text((xx - 10, h - bottom + 8), f"{int(round(xv))}", fill="black")
-        d.line([px(x, y) for x, y in points] if len(points) > 1 else [px(*points[0])] * 2, fill=(200, 40, 40), width=2)
-        d.text((w // 2 - 30, h - 20), "iteration", fill="black")
+def plot_loss_curve(points: Sequence[Tuple[int, float]], path: str, title: str = "training loss",
+                    stages: Sequence[Tuple[int, str]] = ()) -> None:
+    """Write `loss_curve_figure(points, title, stages)` as a PNG at `path`."""
+    fig = loss_curve_figure(points, title, stages)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path)
+    fig.savefig(path)
+
+
+def loss_curve_figure(points: Sequence[Tuple[int, float]], title: str = "training loss",
+                      stages: Sequence[Tuple[int, str]] = ()):
+    """A matplotlib Figure of (iteration, loss): the raw loss, its moving average, and where each stage starts.
+
+    `stages` lists (first iteration, label) of runs drawn on one axis (the demo's stage 1 then
+    2): each start after the first point is a dashed line, and the average restarts there (a
+    stage changes what trains, so its loss is not a continuation). The y axis is logarithmic when
+    the loss spans more than a decade; non-finite losses are left out. The Figure has its own Agg
+    canvas: no display, no pyplot state shared with the caller.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    pts = sorted((int(x), float(y)) for x, y in points if math.isfinite(y))
+    fig = Figure(figsize=(9, 4.8), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, which="major", alpha=0.3)
+    if not pts:
+        ax.text(0.5, 0.5, "no finite loss values", transform=ax.transAxes, ha="center", va="center")
+    else:
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        starts = sorted(s for s in stages if xs[0] < s[0] <= xs[-1])
+        edges = [xs[0]] + [s[0] for s in starts] + [xs[-1] + 1]
+        segments = [[(x, y) for x, y in pts if lo <= x < hi] for lo, hi in zip(edges, edges[1:])]
+        # About 15 averages per run; fewer than 3 points per average is no smoothing at all.
+        span = min(50, round(len(pts) / 15))
+        smoothed = [seg for seg in segments if span >= 3 and len(seg) >= 2 * span]
+        ax.plot(xs, ys, color="tab:blue", alpha=0.35 if smoothed else 1.0, linewidth=1, label="loss",
+                marker="o" if len(pts) < 30 else None, markersize=3)
+        for k, seg in enumerate(smoothed):
+            ax.plot([x for x, _ in seg], ema([y for _, y in seg], span), color="tab:blue", linewidth=2,
+                    label=f"moving average ({span} iterations)" if k == 0 else None)
+        for first, _ in starts:
+            ax.axvline(first - 0.5, color="tab:red", linestyle="--", linewidth=1)
+        # Each stage's name at the bottom of its part of the axis (losses fall: that corner is free).
+        labels = [(xs[0], s[1]) for s in stages if s[0] <= xs[0]][-1:] + starts
+        for first, label in labels:
+            ax.text(first, 0.02, f" {label}", transform=ax.get_xaxis_transform(), va="bottom", ha="left",
+                    color="tab:red" if first > xs[0] else "black")
+        if min(ys) > 0 and max(ys) / min(ys) > 10:
+            ax.set_yscale("log")
+            # Plain numbers (0.1, 1, 10), not 10^0; over two decades or less also 2, 3 and 5 of each.
+            def minor(v, _):
+                lo, hi = ax.get_ylim()
+                mantissa = round(v / 10 ** math.floor(math.log10(v)))
+                return f"{v:g}" if math.log10(hi / lo) <= 2 and mantissa in (2, 3, 5) else ""
+
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(minor))
+        pad = 0.5 if xs[-1] - xs[0] >= 2 else 1.0  # a single point still gets whole-iteration ticks
+        ax.set_xlim(xs[0] - pad, xs[-1] + pad)
+        ax.legend(loc="upper right")
+    return fig
 
 
 class TrainLogger:

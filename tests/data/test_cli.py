@@ -1,5 +1,6 @@
 """`megatron-vita data make-demo` (deterministic, held-out split unseen and scored against chance) and
-`megatron-vita data inspect` on the demo data (summary printed, PNG of the sample's tiles written)."""
+`megatron-vita data inspect` on the demo data (summary printed, PNG of the sample's tiles written, each
+captioned with what it is)."""
 import hashlib
 import json
 import os
@@ -60,3 +61,17 @@ def test_inspect_demo_prints_summary_and_writes_png(demo_dir, tmp_path, capsys, 
 def test_inspect_without_tokenizer_reports_sizes(tmp_path, capsys):
     assert main(["data", "inspect", "--recipe", RECIPE, "--data-root", str(tmp_path)]) == 1
     assert "file not found" in capsys.readouterr().err
+
+
+def test_inspect_png_captions_say_what_each_tile_is():
+    """The captions are read from the token layout the template writes: a 2x3-grid image (thumbnail
+    + 6 tiles), a one-tile image and a 3-frame video, in token-block order."""
+    from megatron_vita.config import TokenIds
+    from megatron_vita.data.cli import tile_labels
+    from megatron_vita.data.template import image_token_ids, video_token_ids
+
+    tok, t = TokenIds(), 4
+    ids = ([1, 2] + image_token_ids(7, (2, 3), tok, t, [198]) + [5] + image_token_ids(1, (1, 1), tok, t, [198])
+           + video_token_ids(3, tok, t) + [9])
+    assert tile_labels(ids, tok, t) == (["image 1 thumbnail"] + [f"image 1 tile {k}" for k in range(1, 7)]
+                                        + ["image 2", "frame 1", "frame 2", "frame 3"])
