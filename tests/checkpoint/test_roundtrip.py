@@ -213,3 +213,47 @@ def test_create_tiny_again_leaves_no_stale_shards(tmp_path):
     assert len(many) > len(few) >= 2
     assert sorted(os.listdir(out)) == sorted(few + ["config.json", "generation_config.json",
                                                     "model.safetensors.index.json", "notes.txt"])
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_every_shard_kind_and_transform_is_consistent(tp):
+    """Each entry of the tensor_kinds tables, whatever it is: the pieces have `piece_shape`, and
+    `unshard`, `place` and the stored `regions` (cut from the full tensor) all give back the full
+    tensor; every transform's `to_hf` inverts `to_mcore`, and `row_segments` name its rows."""
+    from megatron_vita.checkpoint.tensor_kinds import SHARD_KINDS, TRANSFORMS
+
+    gen = torch.Generator().manual_seed(tp)
+    vocab, padded = 13, 16  # 13 rows padded to a multiple of 4 x TP
+    for name, kind in SHARD_KINDS.items():
+        full = torch.randn(vocab if kind.pads_vocab else 8, 8, generator=gen)
+        pieces = [kind.shard(full, tp, r, padded) for r in range(tp)]
+        assert all(tuple(p.shape) == kind.piece_shape(full.shape, tp, padded) for p in pieces), name
+        assert torch.equal(kind.unshard(pieces[:kind.pieces_to_read(tp)], vocab), full), name
+        placed = torch.full(kind.full_shape(pieces[0].shape, kind.pieces_to_read(tp), vocab), float("nan"))
+        for r in range(kind.pieces_to_read(tp)):
+            kind.place(placed, pieces[r], kind.pieces_to_read(tp), r)
+        assert torch.equal(placed, full), name
+        stored = kind.stored_shape(full.shape, padded)
+        assert kind.fits(stored, full.shape) and kind.model_shape(stored, vocab) == tuple(full.shape), name
+        rebuilt = torch.full(stored, float("nan"))
+        for offsets, sizes in kind.regions(stored, tp):
+            view = rebuilt
+            for d, (o, s) in enumerate(zip(offsets, sizes)):
+                view = view.narrow(d, o, s)
+            view.copy_(kind.cut(full, offsets, sizes))
+        assert torch.equal(rebuilt[:full.shape[0]], full) and not rebuilt[full.shape[0]:].any(), name
+    # (query heads, KV groups, head dim): GQA for the LLM's q/k/v, MHA for the ViT's fused qkv.
+    gqa, mha = (4, 2, 3), (4, 4, 3)
+    cases = {"identity": (gqa, [(6, 5)]), "pos": (gqa, [(1, 6, 5)]), "glu": (gqa, [(6, 5), (6, 5)]),
+             "qkv": (gqa, [(12, 5), (6, 5), (6, 5)]), "vit_qkv": (mha, [(36, 5)])}
+    assert sorted(cases) == sorted(TRANSFORMS)
+    for name, transform in TRANSFORMS.items():
+        heads, shapes = cases[name]
+        hf = {f"{name}.{k}": torch.randn(shape, generator=gen) for k, shape in enumerate(shapes)}
+        full = transform.to_mcore(list(hf.values()), heads)
+        back = transform.to_hf(list(hf), full, heads)
+        assert list(back) == list(hf) and all(torch.equal(back[n], hf[n]) for n in hf), name
+        segments = transform.row_segments(list(hf), heads)
+        if segments is not None:
+            rows = [hf[n][start:start + (hf[n].shape[0] if count < 0 else count)] for n, start, count in segments]
+            assert torch.equal(torch.cat(rows), full), name
