@@ -14,25 +14,8 @@ from typing import Dict, Optional
 
 import torch
 
-from megatron_vita.config import ModelConfig, ParallelConfig, resolve_model_config
+from megatron_vita.config import ModelConfig, ParallelConfig
 from megatron_vita.training.config import TrainConfig, to_namespace
-
-
-def resolve_model(cfg: TrainConfig, recipe, tokenizer) -> ModelConfig:
-    """Model sizes from --model / --init-hf / the recipe, with token ids taken from the tokenizer."""
-    from megatron_vita.data.template import token_ids_from_tokenizer
-
-    spec = cfg.init_hf or cfg.model or recipe.model
-    model = resolve_model_config(spec)
-    tokens = token_ids_from_tokenizer(tokenizer)
-    if len(tokenizer) > model.language.vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than model '{spec}' has embeddings "
-                         f"({model.language.vocab_size})")
-    if cfg.init_hf and tokens != model.tokens:
-        raise ValueError(f"--init-hf {cfg.init_hf}: its special-token ids differ from the tokenizer's "
-                         f"({model.tokens.special} vs {tokens.special}); train with the tokenizer it was made for")
-    model.tokens = tokens
-    return model.validate()
 
 
 def _micro_batches_per_step(cfg: TrainConfig, dp: int) -> int:
@@ -86,7 +69,7 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
     from megatron_vita.training import checkpointing
     from megatron_vita.training.engine import train_step
     from megatron_vita.training.monitor import TrainLogger
-    from megatron_vita.training.preflight import run_layout
+    from megatron_vita.training.preflight import resolve_model, run_layout
 
     plat = platform.current()
     world = torch.distributed.get_world_size()

@@ -28,6 +28,7 @@ import os
 import tempfile
 from typing import List, Optional, Tuple
 
+from megatron_vita.config.model import ModelConfig
 from megatron_vita.config.parallel import ConfigError, ParallelConfig
 from megatron_vita.training.config import TrainConfig, to_namespace
 
@@ -268,6 +269,24 @@ def training_layout(cfg: TrainConfig, model_config, world_size: int) -> Tuple[Pa
     return par, problems
 
 
+def resolve_model(cfg: TrainConfig, recipe, tokenizer) -> ModelConfig:
+    """Model sizes from --model / --init-hf / the recipe, with token ids taken from the tokenizer."""
+    from megatron_vita.config import resolve_model_config
+    from megatron_vita.data.template import token_ids_from_tokenizer
+
+    spec = cfg.init_hf or cfg.model or recipe.model
+    model = resolve_model_config(spec)
+    tokens = token_ids_from_tokenizer(tokenizer)
+    if len(tokenizer) > model.language.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than model '{spec}' has embeddings "
+                         f"({model.language.vocab_size})")
+    if cfg.init_hf and tokens != model.tokens:
+        raise ValueError(f"--init-hf {cfg.init_hf}: its special-token ids differ from the tokenizer's "
+                         f"({model.tokens.special} vs {tokens.special}); train with the tokenizer it was made for")
+    model.tokens = tokens
+    return model.validate()
+
+
 def run_layout(cfg: TrainConfig, model_config, world_size: int) -> ParallelConfig:
     """training_layout for a run about to build its model: ConfigError (every problem) unless it fits."""
     par, problems = training_layout(cfg, model_config, world_size)
@@ -336,7 +355,6 @@ def load_problems(cfg: TrainConfig) -> List[str]:
 def model_problems(cfg: TrainConfig, recipe, world_size: int) -> List[str]:
     """Tokenizer, model sizes, layout, batch split, initial weights and the checkpoint to load."""
     from megatron_vita.data.template import load_tokenizer
-    from megatron_vita.training.loop import resolve_model
 
     out: List[str] = []
     tokenizer_path = cfg.tokenizer or recipe.resolve(cfg.data_root, recipe.tokenizer or "tokenizer")

@@ -104,6 +104,6 @@ def cp_problems(num_heads: int, num_kv_heads: int, tp: int, cp: int, algo: str,
         if seq_length < 1 or seq_length % m:
             why = (f"CP * lcm(2, TP) = {cp} * {math.lcm(2, tp)}: 2*CP load-balanced chunks, and each rank's share "
                    f"splits over --tensor-model-parallel-size {tp} with --sequence-parallel" if sequence_parallel
-                   else f"2*CP: the sequence is split into 2*CP load-balanced chunks")
+                   else "2*CP: the sequence is split into 2*CP load-balanced chunks")
             errs.append(f"--seq-length {seq_length} with --context-parallel-size {cp} must be a multiple of {m} ({why})")
     return errs
