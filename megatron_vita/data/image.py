@@ -202,15 +202,3 @@ def denormalize_to_uint8(tiles) -> np.ndarray:
     x = (tiles.float() * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).numpy()
 
-
-def tile_sheet(tiles, columns: int = 8, gap: int = 2) -> Image.Image:
-    """One picture of all tiles in order (for `data inspect`)."""
-    arr = denormalize_to_uint8(tiles)
-    n, h, w = arr.shape[0], arr.shape[1], arr.shape[2]
-    cols = max(1, min(columns, n))
-    rows = max(1, -(-n // cols))
-    sheet = Image.new("RGB", (cols * (w + gap) + gap, rows * (h + gap) + gap), (255, 255, 255))
-    for i in range(n):
-        r, c = divmod(i, cols)
-        sheet.paste(Image.fromarray(arr[i]), (gap + c * (w + gap), gap + r * (h + gap)))
-    return sheet
