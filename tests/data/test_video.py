@@ -78,7 +78,8 @@ def test_bad_videos_name_the_file(tmp_path):
         load_video_frames(str(empty), 56, 4)
     assert e.value.reason == "zero_frame_video"
     junk = tmp_path / "junk.mp4"
-    junk.write_bytes(os.urandom(4096))
+    # Fixed bytes: random ones are now and then probed by ffmpeg as a stream with no frames.
+    junk.write_bytes(b"this is not a video file\n" * 200)
     with pytest.raises(MediaError, match="junk.mp4") as e:
         load_video_frames(str(junk), 56, 4)
     assert e.value.reason == "corrupt_video"
@@ -137,7 +138,8 @@ def test_jpeg_frames_decode_no_larger_than_their_tile(tmp_path):
 
 def test_bad_videos_leave_stderr_quiet(tmp_path, capfd):
     junk, png = tmp_path / "junk.mp4", tmp_path / "picture.mp4"
-    junk.write_bytes(os.urandom(4096))
+    # Fixed bytes: random ones are now and then probed by ffmpeg as a stream with no frames.
+    junk.write_bytes(b"this is not a video file\n" * 200)
     buf = io.BytesIO()
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(buf, "PNG")
     # A truncated PNG: ffmpeg reads it as a 1-frame image stream (PyAV decodes it) after decord's
