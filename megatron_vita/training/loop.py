@@ -65,6 +65,8 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
     from megatron_vita.data.loader import build_train_loader
     from megatron_vita.data.recipe import load_recipe
     from megatron_vita.data.template import load_tokenizer
+    from megatron.core import parallel_state
+
     from megatron_vita.parallel.state import destroy_parallel, initialize_parallel
     from megatron_vita.training import checkpointing
     from megatron_vita.training.engine import train_step
@@ -95,7 +97,7 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
         loader = build_train_loader(recipe, tokenizer=tokenizer, model_config=model_config, data_root=cfg.data_root,
                                     seed=cfg.seed, dp_rank=info.dp_rank, dp_size=info.dp_size,
                                     micro_batch_size=cfg.micro_batch_size, num_workers=cfg.num_workers,
-                                    state=data_state)
+                                    state=data_state, dp_group=parallel_state.get_data_parallel_group())
         log = TrainLogger(cfg, plat, start=start, consumed=consumed)
         log.banner(model_config, par, info, n_micro, [m.module for m in ddp], optimizer)
         last: Dict[str, float] = {}
