@@ -30,8 +30,12 @@ class ParallelConfig:
     # Model chunks per pipeline rank (Megatron's virtual pipeline size); None = no interleaving.
     virtual_pipeline_model_parallel_size: Optional[int] = None
     context_parallel_size: int = 1
-    # ring (MindSpeed megatron_cp_algo), ulysses, or hybrid.
+    # ring (MindSpeed megatron_cp_algo), ulysses, or hybrid (MindSpeed's names are accepted too).
     context_parallel_algo: str = "ring"
+    # hybrid: Ulysses ranks inside each ring rank (MindSpeed's --ulysses-degree-in-cp).
+    ulysses_degree_in_cp: Optional[int] = None
+    # ring: post the send/recv of the next KV block before computing the current one.
+    cp_send_recv_overlap: bool = True
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     # Uneven pipeline stages (Megatron's --decoder-first/last-pipeline-num-layers).
@@ -58,6 +62,21 @@ class ParallelConfig:
         return self.context_parallel_size
 
     @property
+    def cp_algo(self) -> str:
+        """ring | ulysses | hybrid (MindSpeed's names mapped to ours)."""
+        from megatron_vita.parallel.context.validate import normalize_algo
+
+        return normalize_algo(self.context_parallel_algo)
+
+    @property
+    def cp_sequence_multiple(self) -> int:
+        """What every sequence, and every packed document once padded, is a multiple of under CP
+        (2*CP load-balanced chunks; times TP's share with sequence parallelism); 1 without CP."""
+        from megatron_vita.parallel.context.validate import sequence_multiple
+
+        return sequence_multiple(self.cp, self.tp, self.sequence_parallel) if self.cp > 1 else 1
+
+    @property
     def model_parallel_size(self) -> int:
         return self.tp * self.pp * self.cp
 
@@ -69,7 +88,9 @@ class ParallelConfig:
     def describe(self) -> str:
         """'TP2 PP2 VPP2 CP2 SP' style summary for logs and verify lines."""
         out = f"TP{self.tp} PP{self.pp}" + (f" VPP{self.vpp}" if self.vpp else "")
-        out += (f" CP{self.cp} ({self.context_parallel_algo})" if self.cp > 1 else "")
+        if self.cp > 1:
+            u = f" U{self.ulysses_degree_in_cp}" if self.ulysses_degree_in_cp else ""
+            out += f" CP{self.cp} ({self.context_parallel_algo}{u})"
         out += " SP" if self.sequence_parallel else ""
         first, last = self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage
         if first is not None or last is not None:
@@ -117,8 +138,12 @@ class ParallelConfig:
             start += n
         return out
 
-    def problems(self, model: ModelConfig, world_size: Optional[int] = None) -> List[str]:
-        """Every way this layout does not fit the model or the world size, one line each naming the flag."""
+    def problems(self, model: ModelConfig, world_size: Optional[int] = None,
+                 seq_length: Optional[int] = None) -> List[str]:
+        """Every way this layout does not fit the model, the world size or the sequence length,
+        one line each naming the flag."""
+        from megatron_vita.parallel.context.validate import cp_problems
+
         lm, vis = model.language, model.vision
         errs = []
         for flag, val in [("--tensor-model-parallel-size", self.tp), ("--pipeline-model-parallel-size", self.pp),
@@ -150,8 +175,8 @@ class ParallelConfig:
             if self.vpp < 1:
                 errs.append(f"virtual pipeline size must be >= 1 (got {self.vpp})")
                 vpp_ok = False
-        if self.context_parallel_algo not in ("ring", "ulysses", "hybrid"):
-            errs.append(f"--context-parallel-algo {self.context_parallel_algo!r}: use ring, ulysses or hybrid")
+        errs += cp_problems(lm.num_attention_heads, lm.num_query_groups, self.tp, self.cp, self.context_parallel_algo,
+                            self.ulysses_degree_in_cp, seq_length, self.sequence_parallel)
         if vpp_ok:
             try:
                 chunks = self.layers_per_stage(lm.num_layers)
@@ -165,9 +190,10 @@ class ParallelConfig:
                         f"(--tensor-model-parallel-size, --pipeline-model-parallel-size, --context-parallel-size)")
         return errs
 
-    def validate(self, model: ModelConfig, world_size: Optional[int] = None) -> "ParallelConfig":
+    def validate(self, model: ModelConfig, world_size: Optional[int] = None,
+                 seq_length: Optional[int] = None) -> "ParallelConfig":
         """Raise one ConfigError listing every problem (one line each), or return self."""
-        errs = self.problems(model, world_size)
+        errs = self.problems(model, world_size, seq_length)
         if errs:
             raise ConfigError(errs)
         return self

@@ -140,11 +140,13 @@ class RecordEvaluator:
 class PackDataset(torch.utils.data.Dataset):
     """Map-style dataset whose 'indices' are plans; runs in DataLoader workers."""
 
-    def __init__(self, evaluator: RecordEvaluator, pad_id: int, with_cu_seqlens: bool, normalize: bool = True):
+    def __init__(self, evaluator: RecordEvaluator, pad_id: int, with_cu_seqlens: bool, normalize: bool = True,
+                 align: int = 1):
         self.ev = evaluator
         self.pad_id = pad_id
         self.with_cu_seqlens = with_cu_seqlens
         self.normalize = normalize
+        self.align = align
 
     def __len__(self) -> int:  # the stream is infinite; the sampler decides
         return 2 ** 62
@@ -168,7 +170,7 @@ class PackDataset(torch.utils.data.Dataset):
         r = ev.recipe
         batch = collate_packs(rows, r.seq_length, self.pad_id, r.packing.reset and r.packing.mode != "none",
                               ev.num_image_token, ev.tokens.context_ids, ev.image_size, self.with_cu_seqlens,
-                              normalize=self.normalize)
+                              normalize=self.normalize, align=self.align)
         batch["micro_batch"] = plan["micro_batch"]
         # (dataset, record) of every document in each row: lets a run be audited sample by sample.
         batch["samples"] = samples
@@ -248,7 +250,7 @@ class TrainLoader:
     def __init__(self, recipe: Recipe, evaluator: RecordEvaluator, *, seed: int, dp_rank: int, dp_size: int,
                  micro_batch_size: int, num_workers: int, state: Optional[dict], vocab_size: int,
                  planner_threads: int = 2, pin_memory: bool = False, prefetch_factor: int = 2,
-                 normalize: bool = True, dp_group=None):
+                 normalize: bool = True, dp_group=None, pack_align: int = 1):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is outside dp_size {dp_size}")
         reset = recipe.packing.reset and recipe.packing.mode != "none"
@@ -259,7 +261,10 @@ class TrainLoader:
         self.dp_rank, self.dp_size, self.mbs = dp_rank, dp_size, micro_batch_size
         self.dp_group = dp_group
         self.fingerprint = evaluator.fingerprint(seed, vocab_size)
-        self.planner = build_planner(recipe, evaluator, seed, planner_threads)
+        # Only documents split on their own (reset) are padded under CP; without reset the whole
+        # sequence is one causal document.
+        pack_align = pack_align if reset else 1
+        self.planner = build_planner(recipe, evaluator, seed, planner_threads, align=pack_align)
         self.micro_batches = 0
         bs = recipe.bad_samples
         # Decode drops: `_decode` holds those known on every rank (from the state, or gathered at
@@ -275,7 +280,7 @@ class TrainLoader:
         self._reported = len(self.planner.stats.reports)
         self._logged = 0
         self.sampler = _RankPlans(self.planner, dp_rank, dp_size, micro_batch_size)
-        dataset = PackDataset(evaluator, evaluator.tokens.pad_token_id, reset, normalize)
+        dataset = PackDataset(evaluator, evaluator.tokens.pad_token_id, reset, normalize, pack_align)
         kwargs = dict(num_workers=num_workers, batch_size=None, sampler=self.sampler, collate_fn=_identity,
                       pin_memory=pin_memory)
         if num_workers > 0:
@@ -383,12 +388,13 @@ class TrainLoader:
 
 
 def build_planner(recipe: Recipe, evaluator: RecordEvaluator, seed: int, threads: int = 2,
-                  enforce_bad_limit: bool = True) -> Planner:
-    """The recipe's planner over the evaluator's records (the bad-sample limit applied per record)."""
+                  enforce_bad_limit: bool = True, align: int = 1) -> Planner:
+    """The recipe's planner over the evaluator's records (the bad-sample limit applied per record);
+    `align`: documents take their length padded to this multiple (context parallelism)."""
     order = MixtureOrder(evaluator.sizes, recipe.datasets, seed)
     bs = recipe.bad_samples
     return Planner(order, evaluator.names, evaluator.evaluate,
-                   Packer(recipe.packing.mode, recipe.seq_length, recipe.packing.buffers), bs.report_first,
+                   Packer(recipe.packing.mode, recipe.seq_length, recipe.packing.buffers, align), bs.report_first,
                    threads=threads, max_fraction=bs.max_fraction if enforce_bad_limit else None,
                    min_samples=bs.min_samples)
 
@@ -416,13 +422,14 @@ def build_train_loader(recipe: Union[str, Recipe], *, tokenizer, model_config, d
                        dp_rank: int = 0, dp_size: int = 1, micro_batch_size: int = 1, num_workers: int = 2,
                        state: Optional[dict] = None, cache_dir: Optional[str] = None, planner_threads: int = 2,
                        pin_memory: bool = False, prefetch_factor: int = 2, progress: bool = False,
-                       normalize: bool = True, dp_group=None) -> TrainLoader:
+                       normalize: bool = True, dp_group=None, pack_align: int = 1) -> TrainLoader:
     """The micro-batch stream of one data-parallel rank (see module docstring for batch and state).
 
     normalize=False delivers `pixel_values` as uint8 [n, 3, H, W] (4x less memory and worker
     traffic, which matters at 128K-1M tokens); the consumer then calls
     `megatron_vita.data.image.normalize_pixels` on the device. `dp_group` (the data-parallel
-    process group) makes the decode-drop counts of `state_dict()` / `stats()` global.
+    process group) makes the decode-drop counts of `state_dict()` / `stats()` global. `pack_align`
+    (the CP sequence multiple) packs documents by their length once padded for context parallelism.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if isinstance(recipe, str):
@@ -434,7 +441,8 @@ def build_train_loader(recipe: Union[str, Recipe], *, tokenizer, model_config, d
     return TrainLoader(recipe, evaluator, seed=seed, dp_rank=dp_rank, dp_size=dp_size,
                        micro_batch_size=micro_batch_size, num_workers=num_workers, state=state,
                        vocab_size=len(tokenizer), planner_threads=planner_threads, pin_memory=pin_memory,
-                       prefetch_factor=prefetch_factor, normalize=normalize, dp_group=dp_group)
+                       prefetch_factor=prefetch_factor, normalize=normalize, dp_group=dp_group,
+                       pack_align=pack_align)
 
 
 __all__ = ["build_train_loader", "check_data", "TrainLoader", "RecordEvaluator", "Document", "DataError",

@@ -4,6 +4,8 @@ The schedules (no pipelining, 1F1B, interleaved) move activations between stages
 step only has to call the model chunk on its micro-batch. The same forward step serves
 training (per-token losses) and inference/verification (logits), so the batch contract is
 defined once: tokens, position_ids, pixel_values, image_indices, labels, loss_mask, cu_seqlens.
+Under context parallelism the micro-batches are first cut into this rank's share
+(`shard_microbatches`, parallel.context.batch) and the logits put back together after.
 """
 from __future__ import annotations
 
@@ -15,14 +17,20 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 
-def packed_seq_params(cu_seqlens: Optional[torch.Tensor]) -> Optional[PackedSeqParams]:
-    """megatron's `thd` description of packed documents (no attention across boundaries)."""
+def packed_seq_params(cu_seqlens: Optional[torch.Tensor],
+                      cu_seqlens_padded: Optional[torch.Tensor] = None) -> Optional[PackedSeqParams]:
+    """megatron's `thd` description of packed documents (no attention across boundaries).
+
+    Under context parallelism both are the GLOBAL boundaries, real and padded to the CP
+    multiple (parallel.context.batch); RoPE and the CP attention leaf read them."""
     if cu_seqlens is None:
         return None
     cu = cu_seqlens.to(torch.int32).reshape(-1)
-    longest = int((cu[1:] - cu[:-1]).max())
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
-                           max_seqlen_kv=longest)
+    padded = None if cu_seqlens_padded is None else cu_seqlens_padded.to(torch.int32).reshape(-1)
+    ref = cu if padded is None else padded
+    longest = int((ref[1:] - ref[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=padded,
+                           cu_seqlens_kv_padded=padded, max_seqlen_q=longest, max_seqlen_kv=longest)
 
 
 def model_inputs(batch: Dict[str, torch.Tensor]) -> Dict[str, object]:
@@ -36,8 +44,44 @@ def model_inputs(batch: Dict[str, torch.Tensor]) -> Dict[str, object]:
         position_ids=position_ids,
         pixel_values=batch.get("pixel_values"),
         image_indices=batch.get("image_indices"),
-        packed_seq_params=packed_seq_params(batch.get("cu_seqlens")),
+        packed_seq_params=packed_seq_params(batch.get("cu_seqlens"), batch.get("cu_seqlens_padded")),
     )
+
+
+def _cp_multiple(chunks) -> int:
+    from megatron_vita.parallel.context.validate import sequence_multiple
+
+    config = chunks[0].config
+    return sequence_multiple(ps.get_context_parallel_world_size(), config.tensor_model_parallel_size,
+                             config.sequence_parallel)
+
+
+def _model_config(chunks):
+    module = chunks[0]
+    while not hasattr(module, "model_config") and hasattr(module, "module"):
+        module = module.module
+    return module.model_config
+
+
+def shard_microbatches(chunks: Sequence[torch.nn.Module],
+                       microbatches: List[Dict[str, torch.Tensor]]) -> List[Dict[str, torch.Tensor]]:
+    """This CP rank's share of every micro-batch (unchanged without context parallelism).
+
+    Pipeline stages exchange activations of one fixed shape, so with PP > 1 every micro-batch
+    must split into the same local length (the loader packs for it)."""
+    cp = ps.get_context_parallel_world_size()
+    if cp == 1:
+        return microbatches
+    from megatron_vita.parallel.context.batch import shard_batch
+
+    mc = _model_config(chunks)
+    out = [shard_batch(mb, ps.get_context_parallel_rank(), cp, _cp_multiple(chunks), mc.tokens.context_ids,
+                       mc.num_image_token) for mb in microbatches]
+    lengths = sorted({mb["tokens"].shape[1] for mb in out})
+    if len(lengths) > 1 and ps.get_pipeline_model_parallel_world_size() > 1:
+        raise ValueError(f"micro-batches of one step split into local lengths {lengths} over CP {cp}: pipeline "
+                         "stages need one length (documents padded to the CP multiple outgrew --seq-length)")
+    return out
 
 
 def run_schedule(chunks: Sequence[torch.nn.Module], microbatches: List[Dict[str, torch.Tensor]],
@@ -51,8 +95,9 @@ def run_schedule(chunks: Sequence[torch.nn.Module], microbatches: List[Dict[str,
         data_iterator=iterators,
         model=list(chunks) if len(chunks) > 1 else chunks[0],
         num_microbatches=len(microbatches),
-        # The global sequence length: megatron divides by CP and (under SP) by TP itself.
-        seq_length=seq_length or tokens.shape[1],
+        # The global sequence length: megatron divides by CP and (under SP) by TP itself; under
+        # CP the micro-batches are already this rank's share (parallel.context.batch).
+        seq_length=seq_length or tokens.shape[1] * ps.get_context_parallel_world_size(),
         micro_batch_size=tokens.shape[0],
         forward_only=forward_only,
     )
@@ -82,8 +127,10 @@ def forward_only(chunks: Sequence[torch.nn.Module], microbatches: List[Dict[str,
     """
     config = chunks[0].config
     lengths = [mb["tokens"].shape[1] for mb in microbatches]
+    cp = ps.get_context_parallel_world_size()
     multiple = config.tensor_model_parallel_size if config.sequence_parallel else 1
-    padded = [_pad_to_multiple(mb, multiple, pad_id) for mb in microbatches]
+    padded = [_pad_to_multiple(mb, multiple, pad_id) for mb in microbatches] if cp == 1 else \
+        shard_microbatches(chunks, microbatches)
     if len({mb["tokens"].shape[1] for mb in padded}) != 1:
         raise ValueError(f"micro-batches of one call must have equal lengths, got {lengths}")
     n = len(padded)
@@ -102,4 +149,17 @@ def forward_only(chunks: Sequence[torch.nn.Module], microbatches: List[Dict[str,
         outputs = run_schedule(chunks, padded, step, forward_only=True)
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None
-    return [o["logits"][:, :length] for o, length in zip(outputs[:n], lengths)]
+    logits = [o["logits"] for o in outputs[:n]]
+    if cp > 1:
+        logits = [_gather_over_cp(part, mb, _cp_multiple(chunks)) for part, mb in zip(logits, microbatches)]
+    return [x[:, :length] for x, length in zip(logits, lengths)]
+
+
+def _gather_over_cp(part: torch.Tensor, batch: Dict[str, torch.Tensor], multiple: int) -> torch.Tensor:
+    """Every CP rank's logits [b, s_local, V] -> the micro-batch's [b, s, V] in global order."""
+    from megatron_vita.parallel.context.batch import unshard_logits
+
+    group = ps.get_context_parallel_group()
+    parts = [torch.empty_like(part) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(parts, part.contiguous(), group=group)
+    return unshard_logits(parts, batch, multiple)

@@ -2,6 +2,8 @@
 
 A thin layer over megatron.core.parallel_state so that callers speak in ParallelConfig terms
 (and tests can switch layouts inside one set of processes: destroy, then initialize again).
+It also owns the context-parallel sub-groups (Ulysses / ring) of the layout's CP groups, which
+megatron-core does not make: the CP attention leaf reads them with `cp_groups()`.
 """
 from __future__ import annotations
 
@@ -35,8 +37,38 @@ def initialize_parallel(par: ParallelConfig, seed: int = 1234) -> RankInfo:
         virtual_pipeline_model_parallel_size=par.vpp,
         context_parallel_size=par.cp,
     )
+    _make_cp_groups(par)
     platform.current().manual_seed(seed)  # CPU, accelerator and megatron tracker streams
     return rank_info()
+
+
+_CP = {"groups": None, "overlap": True}
+
+
+def _make_cp_groups(par: ParallelConfig) -> None:
+    """The Ulysses / ring sub-groups of every CP group (collective: every rank calls it)."""
+    if par.cp == 1:
+        return
+    from megatron_vita.parallel.context.attention import new_cp_groups
+
+    mine = torch.distributed.get_process_group_ranks(ps.get_context_parallel_group())
+    every = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, sorted(mine))
+    rank_lists = sorted({tuple(r) for r in every})
+    groups = new_cp_groups(rank_lists, par.cp_algo, par.ulysses_degree_in_cp)
+    if groups.rank != ps.get_context_parallel_rank():
+        raise AssertionError(f"CP rank {groups.rank} of the Ulysses/ring groups differs from megatron's "
+                             f"{ps.get_context_parallel_rank()}")
+    _CP.update(groups=groups, overlap=par.cp_send_recv_overlap)
+
+
+def cp_groups():
+    """This rank's context-parallel groups (parallel.context.CPGroups); None without CP."""
+    return _CP["groups"]
+
+
+def cp_send_recv_overlap() -> bool:
+    return bool(_CP["overlap"])
 
 
 def rank_info() -> RankInfo:
@@ -51,6 +83,7 @@ def rank_info() -> RankInfo:
 
 def destroy_parallel() -> None:
     """Tear down megatron's groups so that another layout can be built in the same processes."""
+    _CP.update(groups=None, overlap=True)
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
 

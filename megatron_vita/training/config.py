@@ -44,6 +44,8 @@ PARALLEL_FLAGS: Dict[str, str] = {
     "pipeline_model_parallel_size": "pipeline_model_parallel_size",
     "context_parallel_size": "context_parallel_size",
     "context_parallel_algo": "context_parallel_algo",
+    "ulysses_degree_in_cp": "ulysses_degree_in_cp",
+    "use_cp_send_recv_overlap": "cp_send_recv_overlap",
     "sequence_parallel": "sequence_parallel",
     "use_distributed_optimizer": "use_distributed_optimizer",
     "decoder_first_pipeline_num_layers": "num_layers_in_first_pipeline_stage",
@@ -168,6 +170,13 @@ HELP: Dict[str, str] = {
     "num_layers_per_virtual_pipeline_stage": "LLM layers per virtual pipeline chunk (interleaved 1F1B)",
     "decoder_first_pipeline_num_layers": "LLM layers on the first pipeline stage (uneven split)",
     "decoder_last_pipeline_num_layers": "LLM layers on the last pipeline stage (uneven split)",
+    "context_parallel_size": "ranks each sequence is split over (context parallelism; stage 3: 2, stage 4: 8)",
+    "context_parallel_algo": "ring (default; MindSpeed megatron_cp_algo), ulysses (ulysses_cp_algo) or hybrid "
+                             "(hybrid_cp_algo: Ulysses groups inside ring groups)",
+    "ulysses_degree_in_cp": "hybrid: ranks per Ulysses group inside the CP group (divides "
+                            "--context-parallel-size, leaves >= 2 ring ranks, divides the query heads per TP rank)",
+    "use_cp_send_recv_overlap": "ring: post the next KV block's send/recv before computing the current one (on by "
+                                "default; `use_cp_send_recv_overlap: false` in the recipe turns it off)",
     "global_batch_size": "sequences per optimizer step over all data-parallel ranks",
     "seq_length": "packed sequence length (default: the recipe's seq_length)",
     "lr": "peak learning rate (default: the stage's)",

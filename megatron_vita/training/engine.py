@@ -4,6 +4,11 @@ The loss is Long-VITA's: token-mean cross entropy over the supervised tokens of 
 micro-batch, averaged over the micro-batches of the step and over data-parallel ranks (megatron
 divides each micro-batch loss by the number of micro-batches and DDP averages gradients).
 Gradients are clipped by the global norm (all model-parallel ranks), as Megatron does.
+
+Under context parallelism each CP rank holds a share of every sequence (parallel.context.batch):
+the token count is all-reduced over the CP group, each rank's loss is its own sum over that
+global count, megatron's schedule multiplies it by CP and DDP averages over DP x CP, so the
+gradient equals that of CP 1 (Megatron-LM's pretrain_gpt does the same).
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
-from megatron_vita.parallel.pipeline import model_inputs, run_schedule
+from megatron_vita.parallel.pipeline import model_inputs, run_schedule, shard_microbatches
 
 
 def wrap_ddp(chunks: Sequence[torch.nn.Module], use_distributed_optimizer: bool = False,
@@ -40,11 +45,16 @@ def wrap_ddp(chunks: Sequence[torch.nn.Module], use_distributed_optimizer: bool 
 
 
 def loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    """Token mean of one micro-batch; the reduced dict carries (loss, supervised tokens)."""
+    """Token mean of one micro-batch; the reduced dict carries (loss, this rank's supervised tokens)."""
     total = per_token_loss.float().sum()
     tokens = loss_mask.float().sum()
-    loss = total / tokens.clamp(min=1.0)
-    return loss, {"lm loss": torch.stack([loss.detach(), tokens.detach()])}
+    if ps.get_context_parallel_world_size() == 1:
+        loss = total / tokens.clamp(min=1.0)
+        return loss, {"lm loss": torch.stack([loss.detach(), tokens.detach()])}
+    sums = torch.stack([total.detach(), tokens.detach()])
+    torch.distributed.all_reduce(sums, group=ps.get_context_parallel_group())
+    loss = total / sums[1].clamp(min=1.0)
+    return loss, {"lm loss": torch.stack([sums[0] / sums[1].clamp(min=1.0), tokens.detach()])}
 
 
 def forward_step(data_iterator, model):
@@ -71,12 +81,13 @@ def _broadcast_from_last_stage(values: torch.Tensor) -> torch.Tensor:
 
 def train_step(ddp_chunks: Sequence[DistributedDataParallel], optimizer,
                microbatches: List[Dict[str, torch.Tensor]]) -> StepResult:
-    """Forward/backward over this DP rank's micro-batches, then one optimizer step."""
+    """Forward/backward over this DP rank's micro-batches (whole sequences, cut per CP rank here),
+    then one optimizer step."""
     for m in ddp_chunks:
         m.train()
         m.zero_grad_buffer()
     optimizer.zero_grad()
-    outputs = run_schedule(ddp_chunks, microbatches, forward_step, forward_only=False)
+    outputs = run_schedule(ddp_chunks, shard_microbatches(ddp_chunks, microbatches), forward_step, forward_only=False)
     ok, grad_norm, _ = optimizer.step()
     stats = torch.zeros(2, dtype=torch.float64)
     if ps.is_pipeline_last_stage(ignore_virtual=True):

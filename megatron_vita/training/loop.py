@@ -80,7 +80,7 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
         recipe.seq_length = cfg.seq_length
     tokenizer = load_tokenizer(cfg.tokenizer or recipe.resolve(cfg.data_root, recipe.tokenizer or "tokenizer"))
     model_config = resolve_model(cfg, recipe, tokenizer)
-    par = run_layout(cfg, model_config, world)  # checked before launch too; guards direct callers
+    par = run_layout(cfg, model_config, world, recipe.seq_length)  # checked before launch too; guards direct callers
     info = initialize_parallel(par, cfg.seed)
     n_micro = _micro_batches_per_step(cfg, info.dp_size)
     try:
@@ -97,7 +97,8 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
         loader = build_train_loader(recipe, tokenizer=tokenizer, model_config=model_config, data_root=cfg.data_root,
                                     seed=cfg.seed, dp_rank=info.dp_rank, dp_size=info.dp_size,
                                     micro_batch_size=cfg.micro_batch_size, num_workers=cfg.num_workers,
-                                    state=data_state, dp_group=parallel_state.get_data_parallel_group())
+                                    state=data_state, dp_group=parallel_state.get_data_parallel_group(),
+                                    pack_align=par.cp_sequence_multiple)
         log = TrainLogger(cfg, plat, start=start, consumed=consumed)
         log.banner(model_config, par, info, n_micro, [m.module for m in ddp], optimizer)
         last: Dict[str, float] = {}

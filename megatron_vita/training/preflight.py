@@ -8,7 +8,7 @@ the launcher, and raises one ConfigError listing them, one line each naming the 
   ranks), learning rates and optimizer constants, recompute settings, the sequence length (the
   bound a recipe's `seq_length` obeys);
 - the parallel layout against the model's sizes and the world size (heads and KV groups per TP
-  rank, layers per pipeline chunk, VPP), and what is not implemented (context parallelism);
+  rank, layers per pipeline chunk, VPP, context parallelism: heads per rank, sequence multiple);
 - paths: `--save`, `--tensorboard-dir`, `--metrics-file`, `--loss-curve` and `--export-hf` must
   be writable now rather than at the first save; `--save` must not silently write over another
   run's checkpoints;
@@ -243,9 +243,10 @@ def path_problems(cfg: TrainConfig) -> List[str]:
 # -------------------------------------------------------------------------------- model and layout
 
 
-def training_layout(cfg: TrainConfig, model_config, world_size: int) -> Tuple[ParallelConfig, List[str]]:
+def training_layout(cfg: TrainConfig, model_config, world_size: int,
+                    seq_length: Optional[int] = None) -> Tuple[ParallelConfig, List[str]]:
     """The run's ParallelConfig (cfg.parallel with VPP resolved from --num-layers-per-virtual-pipeline-stage)
-    and its problems."""
+    and its problems (context parallelism: heads per rank for the algorithm, the sequence length's multiple)."""
     par = cfg.parallel
     problems: List[str] = []
     per_vchunk = cfg.num_layers_per_virtual_pipeline_stage
@@ -256,16 +257,12 @@ def training_layout(cfg: TrainConfig, model_config, world_size: int) -> Tuple[Pa
                             f"LLM layers per pipeline stage (--pipeline-model-parallel-size {par.pp})")
         else:
             par = dataclasses.replace(par, virtual_pipeline_model_parallel_size=per_rank // per_vchunk)
-    problems += par.problems(model_config, world_size)
+    problems += par.problems(model_config, world_size, seq_length)
     layers = cfg.recompute_num_layers
     if layers and cfg.recompute_granularity == "full" and par.pp >= 1 and \
             layers > model_config.language.num_layers // par.pp:
         problems.append(f"--recompute-num-layers {layers}: more than the {model_config.language.num_layers // par.pp} "
                         "LLM layers per pipeline stage")
-    if par.cp > 1:
-        # The builder refuses it too; here it is refused before any rank starts.
-        problems.append(f"--context-parallel-size {par.cp}: context parallelism is not implemented yet (stages 3-4 "
-                        "of the released recipe use CP 2 / 8); run with --context-parallel-size 1")
     return par, problems
 
 
@@ -287,9 +284,9 @@ def resolve_model(cfg: TrainConfig, recipe, tokenizer) -> ModelConfig:
     return model.validate()
 
 
-def run_layout(cfg: TrainConfig, model_config, world_size: int) -> ParallelConfig:
+def run_layout(cfg: TrainConfig, model_config, world_size: int, seq_length: Optional[int] = None) -> ParallelConfig:
     """training_layout for a run about to build its model: ConfigError (every problem) unless it fits."""
-    par, problems = training_layout(cfg, model_config, world_size)
+    par, problems = training_layout(cfg, model_config, world_size, seq_length)
     if problems:
         raise ConfigError(problems)
     return par
@@ -369,7 +366,7 @@ def model_problems(cfg: TrainConfig, recipe, world_size: int) -> List[str]:
         except (OSError, ValueError, KeyError) as e:
             out.append(_one_line("--model", str(cfg.model or cfg.init_hf or recipe.model), e))
     if model_config is not None:
-        par, layout = training_layout(cfg, model_config, world_size)
+        par, layout = training_layout(cfg, model_config, world_size, cfg.seq_length or recipe.seq_length)
         out += layout
         out += batch_problems(cfg, par, world_size)
         out += init_problems(cfg, model_config)

@@ -108,3 +108,28 @@ def test_feature_token_count_must_match_tiles():
         collate_packs([[(ids, [IGNORE_INDEX] * 4, np.zeros((2, 8, 8, 3), np.uint8))]], 8, 0, True, 2, [9], 8, True)
     b = collate_packs([[(ids, [IGNORE_INDEX] * 4, np.zeros((1, 8, 8, 3), np.uint8))]], 8, 0, True, 2, [9], 8, True)
     assert b["image_indices"].tolist() == [[[0, 0]], [[1, 2]]]
+
+
+def test_context_parallel_packing_pads_every_document_to_the_alignment():
+    # CP 2: documents are split into 2*CP = 4 chunks each, so each takes a multiple of 4 tokens.
+    p = Packer("shared", 16, num_buffers=1, align=4)
+    a, b, c, d = refs((0, 5), (0, 1), (0, 6), (0, 3))
+    assert p.add(a) == [] and p.add(b) == []  # 8 + 4 = 12 of 16
+    assert p.add(c) == [[a, b]]                # 12 + 8 > 16 (the unaligned 5 + 1 + 6 = 12 would fit)
+    p.add(d)
+    restored = Packer("shared", 16, num_buffers=1, align=4)
+    restored.load_state_dict(p.state_dict())
+    assert restored._len(0) == 12              # c (8) + d (4): the resumed buffer counts padded lengths too
+    with pytest.raises(ValueError, match="not a multiple of the packing alignment 4"):
+        Packer("shared", 18, align=4)
+
+    docs = [([1] * n, [5] * (n - 1) + [IGNORE_INDEX], np.zeros((0, 56, 56, 3), np.uint8)) for n in (5, 1, 6)]
+    batch = collate_packs([docs], 24, 0, True, 4, [500], 56, True, align=4)
+    assert batch["cu_seqlens"].tolist() == [0, 5, 6, 12, 16]          # real lengths (+ the trailing 4)
+    assert batch["cu_seqlens_padded"].tolist() == [0, 8, 12, 20, 24]  # where each document sits
+    tokens, labels = batch["tokens"][0], batch["labels"][0]
+    assert tokens[:8].tolist() == [1] * 5 + [0] * 3 and tokens[8:12].tolist() == [1, 0, 0, 0]
+    assert (labels[5:8] == IGNORE_INDEX).all() and batch["loss_mask"].sum() == 4 + 0 + 5
+    assert batch["position_ids"][0, :12].tolist() == list(range(8)) + list(range(4))
+    with pytest.raises(ValueError, match="exceed the sequence length 24"):  # 8 + 4 + 8 + 5 > 24 (real: 17)
+        collate_packs([docs + docs[:1]], 24, 0, True, 4, [500], 56, True, align=4)

@@ -82,15 +82,37 @@ def test_layout_is_checked_against_the_model(demo_data):
                  "layers do not split evenly")
     assert _only(_problems(demo_data, "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage",
                            "3"), "--num-layers-per-virtual-pipeline-stage 3 does not divide the 2 LLM layers")
-    assert _problems(demo_data, "--context-parallel-size", "2") == [
-        "--context-parallel-size 2: context parallelism is not implemented yet (stages 3-4 of the released recipe "
-        "use CP 2 / 8); run with --context-parallel-size 1"]
+    for algo in ("ring", "ulysses", "megatron_cp_algo", "ulysses_cp_algo"):
+        assert _problems(demo_data, "--context-parallel-size", "2", "--context-parallel-algo", algo) == [], algo
+    assert _problems(demo_data, "--context-parallel-size", "4", "--context-parallel-algo", "hybrid",
+                     "--ulysses-degree-in-cp", "2") == []
     assert _only(_problems(demo_data, "--tensor-model-parallel-size", "2", "--nproc-per-node", "3"),
                  "world size 3 is not divisible by TP*PP*CP = 2*1*1")
     # 2 data-parallel ranks of micro-batch 1 cannot make a global batch of 3.
     assert _problems(demo_data, "--nproc-per-node", "2", "--global-batch-size", "3") == [
         "--global-batch-size 3: not a multiple of --micro-batch-size 1 x data-parallel size 2 (world size 2 / "
         "TP*PP*CP 1)"]
+
+
+def test_context_parallel_layouts_are_refused_before_any_rank_starts(demo_data):
+    # The tiny model: 4 LLM heads, so 2 per rank at TP 2, which do not split over 4 Ulysses ranks.
+    assert _problems(demo_data, "--context-parallel-size", "4", "--context-parallel-algo", "ulysses",
+                     "--tensor-model-parallel-size", "2") == [
+        "--context-parallel-algo ulysses with --context-parallel-size 4: each of the 2 tensor-parallel ranks holds "
+        "4/2 = 2 query heads, which do not split over 4 Ulysses ranks; use ring, or hybrid with --ulysses-degree-in-cp 2"]
+    assert _only(_problems(demo_data, "--context-parallel-size", "2", "--context-parallel-algo", "zigzag"),
+                 "--context-parallel-algo 'zigzag': use ring, ulysses or hybrid")
+    assert _only(_problems(demo_data, "--context-parallel-size", "4", "--context-parallel-algo", "hybrid",
+                           "--ulysses-degree-in-cp", "3"), "--ulysses-degree-in-cp 3: hybrid needs a degree > 1")
+    assert _only(_problems(demo_data, "--context-parallel-size", "2", "--context-parallel-algo", "hybrid"),
+                 "--context-parallel-algo hybrid with --context-parallel-size 2 needs --ulysses-degree-in-cp")
+    assert _only(_problems(demo_data, "--context-parallel-size", "4", "--seq-length", "100"),
+                 "--seq-length 100 with --context-parallel-size 4 must be a multiple of 8")
+    assert _only(_problems(demo_data, "--context-parallel-size", "2", "--tensor-model-parallel-size", "2",
+                           "--sequence-parallel", "--seq-length", "130"),
+                 "--seq-length 130 with --context-parallel-size 2 must be a multiple of 4 (CP * lcm(2, TP)")
+    assert _only(_problems(demo_data, "--ulysses-degree-in-cp", "2"),
+                 "--ulysses-degree-in-cp 2 needs --context-parallel-size > 1")
 
 
 def test_outputs_must_be_writable_before_training(demo_data, tmp_path):

@@ -13,6 +13,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_vita.config.model import ModelConfig
 from megatron_vita.config.parallel import ParallelConfig
+from megatron_vita.models.common.leaves import select_leaves
 from megatron_vita.models.language.qwen2 import language_transformer_config
 from megatron_vita.models.long_vita.model import LongVITAModel
 from megatron_vita.parallel.state import virtual_pipeline_rank
@@ -49,15 +50,13 @@ def build_model_chunks(
     """This rank's chunks (one unless VPP), parameters on CPU in `options.params_dtype`.
 
     Megatron's process groups must already exist (megatron_vita.parallel.initialize_parallel).
+    Layer specs default to the leaves models.common.leaves.select_leaves picks for the layout.
     """
     options = options or BuildOptions()
     par.validate(model_config)
-    if par.cp > 1 and language_layer_spec is None:
-        # megatron-core's own CP attention needs TransformerEngine; ours (ring / Ulysses core
-        # attention in the spec, per-rank batch split, image routing) is not in this release.
-        raise NotImplementedError(
-            f"--context-parallel-size {par.cp}: context parallelism is not implemented yet "
-            "(stages 3-4 of the released recipe use CP 2 / 8); run with --context-parallel-size 1")
+    leaves = select_leaves(par)
+    language_layer_spec = language_layer_spec or leaves.language_layer_spec()
+    vision_layer_spec = vision_layer_spec or leaves.vision_layer_spec()
     config = language_transformer_config(
         model_config.language, par, params_dtype=options.params_dtype,
         recompute_granularity=options.recompute_granularity, recompute_method=options.recompute_method,

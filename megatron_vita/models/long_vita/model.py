@@ -31,12 +31,18 @@ from megatron_vita.models.vision.internvit import InternViTModel, vision_transfo
 
 
 def scatter_features(embeddings: torch.Tensor, features: torch.Tensor, image_indices: torch.Tensor) -> torch.Tensor:
-    """Write features [n, T, h] into embeddings [s, b, h] at image_indices [2, n, T] (out of place)."""
+    """Write features [n, T, h] into embeddings [s, b, h] at image_indices [2, n, T] (out of place).
+
+    A negative sequence index skips that feature: under context parallelism a tile straddling
+    two ranks' shares is encoded on both, and each writes only the tokens it holds."""
     b_idx, s_idx = image_indices[0].reshape(-1), image_indices[1].reshape(-1)
     flat = features.reshape(-1, features.shape[-1]).to(embeddings.dtype)
     if flat.shape[0] != b_idx.numel():
         raise ValueError(f"{features.shape[0]} tiles x {features.shape[1]} features do not match image_indices "
                          f"{tuple(image_indices.shape)}")
+    here = s_idx >= 0
+    if not bool(here.all()):
+        b_idx, s_idx, flat = b_idx[here], s_idx[here], flat[here]
     return embeddings.index_put((s_idx, b_idx), flat)
 
 

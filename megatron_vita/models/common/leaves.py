@@ -1,0 +1,60 @@
+"""The one place that picks the layer-spec leaves (core attention, norms) of both transformers.
+
+Model code names no kernel: the LLM's and the ViT's layer specs are built from the leaves chosen
+here, from the parallel layout and the backend.
+  LLM core attention  CoreAttention (plain torch SDPA, every backend) at CP 1; under context
+                      parallelism ContextParallelAttention (ring / Ulysses / hybrid, from the
+                      layout), which megatron-core 0.12.1 only offers through TransformerEngine.
+  ViT core attention  CoreAttention: the ViT attends within one tile, which never spans CP ranks
+                      (each CP rank runs the ViT on the tiles whose tokens it holds).
+  norms               RMSNorm (LLM) and LayerNorm (ViT), sequence-parallel aware.
+The NPU kernels (npu_fusion_attention, npu_rms_norm) are installed by mindspeed_patches into
+these classes' hot paths on the npu backend; a backend that needs its own leaf classes adds
+them in this function, nowhere else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_vita.config.parallel import ParallelConfig
+
+
+@dataclass(frozen=True)
+class Leaves:
+    """The leaf classes of one model build."""
+
+    language_attention: type
+    vision_attention: type
+    language_norm: type
+    vision_norm: type
+
+    def language_layer_spec(self) -> ModuleSpec:
+        from megatron_vita.models.language.qwen2 import qwen2_layer_spec
+
+        return qwen2_layer_spec(core_attention=self.language_attention, norm=self.language_norm)
+
+    def vision_layer_spec(self) -> ModuleSpec:
+        from megatron_vita.models.vision.internvit import vit_layer_spec
+
+        return vit_layer_spec(core_attention=self.vision_attention, norm=self.vision_norm)
+
+
+def select_leaves(par: ParallelConfig, backend: Optional[str] = None) -> Leaves:
+    """The leaves for this layout on this backend (default: the active platform's)."""
+    from megatron_vita import platform
+    from megatron_vita.models.common.attention import CoreAttention
+    from megatron_vita.models.common.norms import LayerNorm, RMSNorm
+
+    backend = backend or platform.current().name
+    if backend not in ("cpu", "cuda", "npu"):
+        raise ValueError(f"unknown backend {backend!r}: cpu, cuda or npu")
+    language_attention = CoreAttention
+    if par.cp > 1:
+        from megatron_vita.parallel.context.leaf import ContextParallelAttention
+
+        language_attention = ContextParallelAttention
+    return Leaves(language_attention=language_attention, vision_attention=CoreAttention,
+                  language_norm=RMSNorm, vision_norm=LayerNorm)
