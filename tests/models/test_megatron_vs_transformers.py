@@ -7,7 +7,9 @@
 - the whole model vs this project's HF LongVITAForCausalLM on text, image+text and
   video+text batches (batch of 2: one sample with three tiles, one with none / two frames);
 - packed documents: inside one packed sequence each document's logits equal Qwen2ForCausalLM
-  run on that document alone (at TP1, TP2 and TP2 + sequence parallel). The sequence is built as
+  run on that document alone (at TP1, TP2, TP2 + sequence parallel, and context parallel 2 with
+  ring and Ulysses attention: each document split into 2*CP chunks over the ranks, also packed
+  the way the loader packs under CP, each document padded in place). The sequence is built as
   training builds it (`data.packing.collate_packs` with reset: position ids restart per document,
   cu_seqlens close every document and the trailing padding) and runs through the training
   forward step's `model_inputs` -> PackedSeqParams(`thd`). Documents of different odd lengths,
@@ -111,7 +113,7 @@ def _modules(hf_dir):
     return report
 
 
-def packed_documents(cfg, seed: int = 5):
+def packed_documents(cfg, seed: int = 5, seq_length: int = SEQ_LENGTH, align: int = 1):
     """(documents' token lists, the packed training batch) for DOC_LENGTHS."""
     from megatron_vita.data.packing import collate_packs
 
@@ -119,9 +121,9 @@ def packed_documents(cfg, seed: int = 5):
     docs = [text_ids(cfg, n, gen) for n in DOC_LENGTHS]
     no_tiles = np.zeros((0, cfg.vision.image_size, cfg.vision.image_size, 3), dtype=np.uint8)
     rows = [[(ids, ids[1:] + [-100], no_tiles) for ids in docs]]
-    batch = collate_packs(rows, SEQ_LENGTH, pad_id=0, reset=True, num_image_token=cfg.num_image_token,
+    batch = collate_packs(rows, seq_length, pad_id=0, reset=True, num_image_token=cfg.num_image_token,
                           context_ids=cfg.tokens.context_ids, image_size=cfg.vision.image_size,
-                          with_cu_seqlens=True)
+                          with_cu_seqlens=True, align=align)
     return docs, batch
 
 
@@ -140,8 +142,12 @@ def _packed(hf_dir):
         refs = [qwen2(input_ids=torch.tensor([ids])).logits[0] for ids in docs]
     unpacked = {k: v for k, v in batch.items() if k not in ("cu_seqlens", "max_seqlen")}
     report = {"cu_seqlens": batch["cu_seqlens"].tolist()}
+    _, aligned = packed_documents(cfg, seq_length=48, align=4)  # as the loader packs for CP 2
+    starts = {"plain": batch["cu_seqlens"].tolist()[:-1], "aligned": aligned["cu_seqlens_padded"].tolist()[:-1]}
     layouts = {"tp1": {}, "tp2": dict(tensor_model_parallel_size=2),
-               "tp2_sp": dict(tensor_model_parallel_size=2, sequence_parallel=True)}
+               "tp2_sp": dict(tensor_model_parallel_size=2, sequence_parallel=True),
+               "cp2_ring": dict(context_parallel_size=2),
+               "cp2_ulysses": dict(context_parallel_size=2, context_parallel_algo="ulysses")}
     for name, layout in layouts.items():
         par = ParallelConfig(**layout)
         with parallel_layout(par):
@@ -149,13 +155,14 @@ def _packed(hf_dir):
             load_hf_weights([model], weights, cfg, par)
             packed = forward_only([model], [batch])[0][0]
             control = forward_only([model], [unpacked])[0][0]
-        diffs, control_diffs, start = [], [], 0
-        for ids, ref in zip(docs, refs):
-            end = start + len(ids)
-            diffs.append((packed[start:end] - ref).abs().max().item())
-            control_diffs.append((control[start:end] - ref).abs().max().item())
-            start = end
-        report[name] = dict(doc_diffs=diffs, control_diffs=control_diffs)
+            loader_packed = forward_only([model], [aligned])[0][0] if par.cp > 1 else None
+        diffs, control_diffs, aligned_diffs = [], [], []
+        for ids, ref, start, at in zip(docs, refs, starts["plain"], starts["aligned"]):
+            diffs.append((packed[start:start + len(ids)] - ref).abs().max().item())
+            control_diffs.append((control[start:start + len(ids)] - ref).abs().max().item())
+            if loader_packed is not None:
+                aligned_diffs.append((loader_packed[at:at + len(ids)] - ref).abs().max().item())
+        report[name] = dict(doc_diffs=diffs + aligned_diffs, control_diffs=control_diffs)
     return report
 
 
@@ -182,10 +189,10 @@ def test_packed_documents_match_qwen2_on_each_document_alone(reports):
     for rank, report in enumerate(r["packed"] for r in reports):
         # As training packs: one segment per document, then the padding's.
         assert report.pop("cu_seqlens") == [0, 9, 10, 23, 28, 32], report
-        assert set(report) == {"tp1", "tp2", "tp2_sp"}
+        assert set(report) == {"tp1", "tp2", "tp2_sp", "cp2_ring", "cp2_ulysses"}
         for layout, r in report.items():
             where = f"rank {rank} {layout}: per-document max |diff| {r['doc_diffs']}"
-            assert len(r["doc_diffs"]) == len(DOC_LENGTHS)
+            assert len(r["doc_diffs"]) == len(DOC_LENGTHS) * (2 if layout.startswith("cp") else 1)
             assert max(r["doc_diffs"]) <= QWEN2_TOLERANCE, where
             # The first document sees nothing before it either way; every later one would.
             assert r["control_diffs"][0] <= QWEN2_TOLERANCE, (where, r["control_diffs"])
