@@ -1,12 +1,15 @@
 """`megatron-vita verify`: the same inputs through two checkpoints, compared logit by logit.
 
 Reference: a HF checkpoint run by transformers (`--hf`), or a Megatron checkpoint
-(`--reference-megatron`). Candidate: megatron-core at a layout (TP/PP/VPP/SP) loaded from the
+(`--reference-megatron`). Candidate: megatron-core at a layout (TP/PP/VPP/CP/SP) loaded from the
 reference's HF weights (the default), megatron-core loaded from a Megatron checkpoint of any
-format, layout and naming (`--megatron`, at the checkpoint's own layout unless --tp/--pp/--vpp
-are given), or a second HF checkpoint (`--candidate-hf`). megatron-core runs on TP*PP spawned
+format, layout and naming (`--megatron`, at the checkpoint's own layout unless --tp/--pp/--vpp/--cp
+are given), or a second HF checkpoint (`--candidate-hf`). megatron-core runs on TP*PP*CP spawned
 ranks over real process groups. Inputs: a text sequence, an image (tiled exactly like training
-data) with text around it, and video frames with text. Logits are compared per position; the
+data) with text around it, and video frames with text. `--seq-length L` makes every input L
+tokens long (the text longer, and the video as many frames as fill about L tokens, bounded by the
+frames the video has), so that under context parallelism every input spans all 2*CP chunks of
+the load-balanced split and media straddle chunk boundaries. Logits are compared per position; the
 last line printed is
 
     verify: cosine=<min cosine> max_abs=<max |diff|> top1=<agreement %>
@@ -28,7 +31,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 import numpy as np
 
 from megatron_vita.config.dtypes import DTYPES, torch_dtype
-from megatron_vita.config.parallel import ParallelConfig
+from megatron_vita.config.parallel import ConfigError, ParallelConfig
 
 if TYPE_CHECKING:  # torch is imported inside functions: `--help` stays fast
     import torch
@@ -92,32 +95,60 @@ def _synthetic_video(size: int, frames: int):
     return frames_to_tiles(out, size)
 
 
+# Text tokens before and after the media of the image / video inputs (their minimum with --seq-length).
+_IMAGE_TEXT, _VIDEO_TEXT = 8, 6
+
+
+def _video_frames(video: Optional[str], size: int, max_frames: int, wanted: Optional[int]):
+    """(frames [n, 3, size, size], description). Without `wanted`: the sampling rule of training data
+    (<= 1 fps, at most max_frames). With it (--seq-length): `wanted` frames spread evenly over the
+    video, or every frame when it has fewer."""
+    from megatron_vita.data.video import load_video_frames, probe_video
+
+    if not video:
+        n = wanted or min(max_frames, 4)
+        return _synthetic_video(size, n), f"{n} frames from a generated video"
+    if wanted is None:
+        frames, _ = load_video_frames(video, size, max_num_frames=max_frames)
+        return frames, f"{frames.shape[0]} frames from {video}"
+    total = probe_video(video).num_frames
+    n = min(wanted, total)
+    frames, _ = load_video_frames(video, size, max_num_frames=n, indices=[i * total // n for i in range(n)])
+    return frames, f"{frames.shape[0]} frames from {video} (of its {total}, for --seq-length)"
+
+
 def build_inputs(cfg, image: Optional[str] = None, video: Optional[str] = None, seed: int = 0,
-                 max_tiles: int = 12, max_frames: int = 8) -> List[VerifyInput]:
-    """Text, image+text and video+text inputs in the Long-VITA token layout."""
+                 max_tiles: int = 12, max_frames: int = 8, seq_length: Optional[int] = None) -> List[VerifyInput]:
+    """Text, image+text and video+text inputs in the Long-VITA token layout.
+
+    `seq_length` L: the text input is L tokens; the image keeps its tiling and the text after it
+    grows so the input is L tokens; the video gets the frames that fill about L tokens (bounded by
+    the frames a `video` file has), then text up to L. Media longer than L are kept whole."""
     import torch
 
     from megatron_vita.data.image import load_image_tiles
-    from megatron_vita.data.template import image_token_ids, video_token_ids
-    from megatron_vita.data.video import load_video_frames
+    from megatron_vita.data.template import image_token_ids, video_token_count, video_token_ids
 
     rng = np.random.default_rng(seed)
     T, size = cfg.num_image_token, cfg.vision.image_size
     newline = _text_ids(cfg, 1, rng)
-    inputs = [VerifyInput("text", torch.tensor([_text_ids(cfg, 48, rng)]), None)]
+    inputs = [VerifyInput("text", torch.tensor([_text_ids(cfg, seq_length or 48, rng)]), None)]
+
+    def around(media: List[int], before: int) -> List[int]:
+        after = max(before, (seq_length or 0) - before - len(media))
+        return _text_ids(cfg, before, rng) + media + _text_ids(cfg, after, rng)
 
     tiles, grid = load_image_tiles(image if image else _synthetic_image(size), size, max_num=max_tiles)
-    ids = _text_ids(cfg, 8, rng) + image_token_ids(tiles.shape[0], grid, cfg.tokens, T, newline) + _text_ids(cfg, 8, rng)
+    ids = around(image_token_ids(tiles.shape[0], grid, cfg.tokens, T, newline), _IMAGE_TEXT)
     inputs.append(VerifyInput("image+text", torch.tensor([ids]), tiles,
                               f"{tiles.shape[0]} tiles (grid {grid[0]}x{grid[1]}) from {image or 'a generated image'}"))
 
-    if video:
-        frames, _ = load_video_frames(video, size, max_num_frames=max_frames)
-    else:
-        frames = _synthetic_video(size, min(max_frames, 4))
-    ids = _text_ids(cfg, 6, rng) + video_token_ids(frames.shape[0], cfg.tokens, T) + _text_ids(cfg, 6, rng)
-    inputs.append(VerifyInput("video+text", torch.tensor([ids]), frames,
-                              f"{frames.shape[0]} frames from {video or 'a generated video'}"))
+    wanted = None
+    if seq_length is not None:
+        wanted = max(1, (seq_length - 2 * _VIDEO_TEXT) // video_token_count(1, T))
+    frames, media = _video_frames(video, size, max_frames, wanted)
+    ids = around(video_token_ids(frames.shape[0], cfg.tokens, T), _VIDEO_TEXT)
+    inputs.append(VerifyInput("video+text", torch.tensor([ids]), frames, media))
     return inputs
 
 
@@ -190,9 +221,8 @@ class CheckpointRef:
     def describe(self, layout: Optional[ParallelConfig]) -> str:
         if layout is None:
             return f"HF transformers {self.path}"
-        return (f"megatron-core at TP={layout.tp} PP={layout.pp}" + (f" VPP={layout.vpp}" if layout.vpp else "")
-                + (" SP" if layout.sequence_parallel else "")
-                + f" on {layout.tp * layout.pp} ranks from {'HF ' if self.kind == 'hf' else 'Megatron '}{self.path}")
+        return (f"megatron-core at {layout.describe()} on {layout.model_parallel_size} ranks from "
+                f"{'HF ' if self.kind == 'hf' else 'Megatron '}{self.path}")
 
 
 def logits_of(ref: CheckpointRef, layout: Optional[ParallelConfig], cfg, inputs: List[VerifyInput],
@@ -222,9 +252,23 @@ def compare(reference: "torch.Tensor", candidate: "torch.Tensor") -> Dict[str, f
     }
 
 
+def run_problems(cfg, run: Optional[ParallelConfig], seq_length: Optional[int]) -> List[str]:
+    """Every reason the inputs or a side's megatron-core layout cannot run, one line each naming the flag.
+
+    The layout gets ParallelConfig's checks for its TP*PP*CP ranks. No sequence-length rule of
+    context parallelism applies: forward_only pads each input to the CP multiple itself."""
+    errs = []
+    if seq_length is not None and seq_length < 1:
+        errs.append(f"--seq-length must be >= 1 (got {seq_length})")
+    if run is not None:
+        errs += run.problems(cfg, max(run.model_parallel_size, 1))
+    return errs
+
+
 def verify_pair(reference: CheckpointRef, candidate: CheckpointRef, image: Optional[str] = None,
                 video: Optional[str] = None, dtype: str = "fp32", seed: int = 0, max_tiles: int = 12,
-                max_frames: int = 8, timeout: float = 900, backend: Optional[str] = None, log=print) -> Dict[str, float]:
+                max_frames: int = 8, timeout: float = 900, backend: Optional[str] = None, log=print,
+                seq_length: Optional[int] = None) -> Dict[str, float]:
     """Compare the logits of two checkpoints; returns the summary (min cosine, max |diff|, top-1 %, passed)."""
     from megatron_vita.checkpoint.sources import config_differences
 
@@ -236,9 +280,10 @@ def verify_pair(reference: CheckpointRef, candidate: CheckpointRef, image: Optio
     if diffs:
         raise ValueError(f"{reference.path} and {candidate.path} describe different models: " + "; ".join(diffs))
     ref_run, cand_run = reference.resolved_layout(), candidate.resolved_layout()
-    if cand_run is not None:
-        cand_run.validate(cfg)  # a bad layout fails before the reference runs
-    inputs = build_inputs(cfg, image, video, seed, max_tiles, max_frames)
+    errs = run_problems(cfg, cand_run, seq_length)  # a bad layout fails before the reference runs
+    if errs:
+        raise ConfigError(errs)
+    inputs = build_inputs(cfg, image, video, seed, max_tiles, max_frames, seq_length)
     for inp in inputs:
         log(f"verify: input {inp.name}: {inp.input_ids.shape[1]} tokens" + (f", {inp.media}" if inp.media else ""))
     ref_logits, ref_desc = logits_of(reference, ref_run, cfg, inputs, dtype, timeout, backend)
@@ -267,17 +312,26 @@ def verify_pair(reference: CheckpointRef, candidate: CheckpointRef, image: Optio
 
 # The layout flags of `verify` (argparse dest -> ParallelConfig field).
 _LAYOUT_FLAGS = {"tp": "tensor_model_parallel_size", "pp": "pipeline_model_parallel_size",
-                 "vpp": "virtual_pipeline_model_parallel_size", "sequence_parallel": "sequence_parallel"}
+                 "vpp": "virtual_pipeline_model_parallel_size", "cp": "context_parallel_size",
+                 "cp_algo": "context_parallel_algo", "ulysses_degree_in_cp": "ulysses_degree_in_cp",
+                 "sequence_parallel": "sequence_parallel"}
+# How the command line spells each of them, for refusals.
+_FLAG_NAMES = {"tp": "--tp", "pp": "--pp", "vpp": "--vpp", "cp": "--cp", "cp_algo": "--cp-algo",
+               "ulysses_degree_in_cp": "--ulysses-degree-in-cp", "sequence_parallel": "--sequence-parallel"}
 
 
 def verify(hf_dir: str, tp: int = 1, pp: int = 1, vpp: Optional[int] = None, sequence_parallel: bool = False,
            image: Optional[str] = None, video: Optional[str] = None, dtype: str = "fp32", seed: int = 0,
            max_tiles: int = 12, max_frames: int = 8, timeout: float = 900, backend: Optional[str] = None,
-           log=print, megatron_dir: Optional[str] = None, model: Optional[str] = None) -> Dict[str, float]:
-    """HF (transformers) vs megatron-core at TP/PP/VPP/SP, loaded from the same HF directory or,
-    with `megatron_dir`, from a Megatron checkpoint (its own layout unless tp/pp/vpp are given)."""
+           log=print, megatron_dir: Optional[str] = None, model: Optional[str] = None, cp: int = 1,
+           cp_algo: str = "ring", ulysses_degree_in_cp: Optional[int] = None,
+           seq_length: Optional[int] = None) -> Dict[str, float]:
+    """HF (transformers) vs megatron-core at TP/PP/VPP/CP/SP, loaded from the same HF directory or,
+    with `megatron_dir`, from a Megatron checkpoint (its own layout unless tp/pp/vpp/cp are given)."""
     layout = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                            virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sequence_parallel)
+                            virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp,
+                            context_parallel_algo=cp_algo, ulysses_degree_in_cp=ulysses_degree_in_cp,
+                            sequence_parallel=sequence_parallel)
     if megatron_dir is None:
         candidate = CheckpointRef("hf", hf_dir, layout=layout)
     else:
@@ -289,7 +343,7 @@ def verify(hf_dir: str, tp: int = 1, pp: int = 1, vpp: Optional[int] = None, seq
         if changes:
             candidate.with_layout(**changes)
     return verify_pair(CheckpointRef("hf", hf_dir), candidate, image, video, dtype, seed, max_tiles, max_frames,
-                       timeout, backend, log)
+                       timeout, backend, log, seq_length)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -306,6 +360,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=None)
     parser.add_argument("--vpp", "--virtual-pipeline-model-parallel-size", dest="vpp", type=int, default=None,
                         help="model chunks per pipeline rank (interleaved schedule)")
+    parser.add_argument("--cp", "--context-parallel-size", dest="cp", type=int, default=None,
+                        help="context-parallel ranks of the megatron-core side (default 1, or a Megatron "
+                        "checkpoint's own); the world is TP*PP*CP ranks")
+    parser.add_argument("--cp-algo", "--context-parallel-algo", dest="cp_algo", default=None,
+                        help="ring (default), ulysses or hybrid; MindSpeed's megatron_cp_algo, ulysses_cp_algo, "
+                        "hybrid_cp_algo are accepted")
+    parser.add_argument("--ulysses-degree-in-cp", type=int, default=None,
+                        help="hybrid: Ulysses ranks inside each ring rank")
+    parser.add_argument("--seq-length", type=int, default=None,
+                        help="tokens of every input (the text longer, the video more frames) so that each spans "
+                        "all 2*CP chunks; default: short inputs (48 text tokens, 4 generated frames)")
     parser.add_argument("--sequence-parallel", action="store_true")
     parser.add_argument("--image", metavar="PATH", help="image file (default: a generated image)")
     parser.add_argument("--video", metavar="PATH", help="video file or frame directory (default: generated frames)")
@@ -333,6 +398,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give exactly one reference: --hf DIR or --reference-megatron DIR")
     if args.megatron and args.candidate_hf:
         raise ValueError("give at most one candidate: --megatron DIR or --candidate-hf DIR")
+    if args.candidate_hf:
+        # transformers runs the candidate: a layout flag would be silently ignored.
+        ignored = [_FLAG_NAMES[dest] for dest in _LAYOUT_FLAGS if getattr(args, dest) not in (None, False)]
+        if ignored:
+            raise ConfigError([f"{flag} sets the megatron-core layout, but --candidate-hf runs transformers: "
+                               "give --megatron DIR (or drop --candidate-hf) to run megatron-core" for flag in ignored])
     if args.hf:
         reference = CheckpointRef("hf", args.hf)
     else:
@@ -349,5 +420,5 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise ValueError("--reference-megatron needs a candidate: --megatron DIR or --candidate-hf DIR")
     summary = verify_pair(reference, candidate, args.image, args.video, args.dtype, args.seed, args.max_tiles,
-                          args.max_frames, args.timeout, args.backend)
+                          args.max_frames, args.timeout, args.backend, seq_length=args.seq_length)
     return 0 if summary["passed"] else 1

@@ -1,10 +1,12 @@
 """Forward passes of megatron-core Long-VITA loaded from a checkpoint, on ranks spawned here.
 
-`megatron_logits` starts TP*PP ranks of a layout over real process groups; each builds its
+`megatron_logits` starts TP*PP*CP ranks of a layout over real process groups; each builds its
 model chunks, fills them from a checkpoint of any kind and format
 (`checkpoint.model_io.load_checkpoint_weights`: HF, legacy or torch_dist, any naming) and runs
-every input through the pipeline (`parallel.pipeline.forward_only`). The logits come back from
-the rank that holds them, vocabulary padding dropped. `verify` compares them with transformers';
+every input through the pipeline (`parallel.pipeline.forward_only`, which under context
+parallelism gives each CP rank its load-balanced share of the input, padding it to the CP
+multiple, and gathers the logits back into the input's order). The logits come back from one
+rank that holds them, vocabulary padding dropped. `verify` compares them with transformers';
 generation is meant to add its decoding loop on the same loaded chunks, which is why this lives
 outside `checkpoint/` (it runs a model; it does not read or write checkpoint files itself).
 
@@ -30,8 +32,9 @@ def megatron_logits_rank(rank: int, world: int, cfg_dict: Dict, weights: Tuple[s
     """Runs on every rank: build the layout, load the weights, forward each input through the pipeline.
 
     weights = (kind "hf" | "megatron", path); `par` carries the vocab padding divisor of the build.
-    Returns (logits per input, how the weights were loaded) on the rank that holds the logits
-    (first TP and DP rank of the last pipeline stage), None elsewhere.
+    Returns (logits per input, how the weights were loaded) on one rank that holds the logits
+    (first TP, CP and DP rank of the last pipeline stage: every CP rank there has them gathered),
+    None elsewhere.
     """
     from megatron_vita.checkpoint.model_io import load_checkpoint_weights
     from megatron_vita.config.model import ModelConfig
@@ -50,7 +53,7 @@ def megatron_logits_rank(rank: int, world: int, cfg_dict: Dict, weights: Tuple[s
         for inp in inputs:
             logits = forward_only(chunks, [{"tokens": inp.input_ids, "pixel_values": inp.pixel_values}])
             results.append(None if logits is None else logits[0][..., :cfg.language.vocab_size].float())
-        keep = info.tp_rank == 0 and info.dp_rank == 0 and results[0] is not None
+        keep = info.tp_rank == 0 and info.cp_rank == 0 and info.dp_rank == 0 and results[0] is not None
         return (results, how) if keep else None
     finally:
         destroy_parallel()
@@ -59,11 +62,11 @@ def megatron_logits_rank(rank: int, world: int, cfg_dict: Dict, weights: Tuple[s
 def megatron_logits(cfg: "ModelConfig", kind: str, path: str, par: ParallelConfig, inputs: Sequence[Any],
                     dtype: str = "fp32", timeout: float = 900,
                     backend: Optional[str] = None) -> Tuple[List["torch.Tensor"], str]:
-    """Logits of every input from megatron-core at layout `par` (TP*PP ranks), loaded from
+    """Logits of every input from megatron-core at layout `par` (TP*PP*CP ranks), loaded from
     checkpoint `path` of `kind`; returns (logits, how the weights were loaded)."""
     from megatron_vita import platform
 
-    world = par.tp * par.pp
+    world = par.model_parallel_size
     par.validate(cfg, world)  # a bad layout is one error here, not a traceback from every rank
     per_rank = platform.spawn(megatron_logits_rank, world, cfg.to_dict(), (kind, path), par, list(inputs), dtype,
                               timeout=timeout, backend=backend)
