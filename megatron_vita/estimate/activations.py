@@ -105,20 +105,20 @@ def llm_layer_saved(model: ModelConfig, t: Tokens, selective: bool = False) -> i
 
 
 def attention_backward_working(model: ModelConfig, t: Tokens) -> int:
-    """Beyond the saved tensors, during the core attention's backward.
+    """What the core attention's backward allocates beyond the saved tensors.
 
-    CP 1: dq, dk, dv next to the output gradient (2*hq + 2*hkv)*d in the activation dtype.
+    CP 1: dq, dk, dv next to the output gradient, (2*hq + 2*hkv)*d in the activation dtype.
     CP > 1 (ring.py): the contiguous output gradient (a*hq*d), fp32 dq (4*hq*d) and delta (4*hq),
-    the K/V block being used and the next one arriving (2 x 2*hkv*d, activation dtype), three fp32
-    dK/dV accumulators (this step's, the one arriving, the one leaving: 3 x 2*hkv*d), plus the
-    fp32 block temporaries of one tile: about four [heads, tile, tile] (scores, P, dP, dS)."""
+    the K/V block in use and the next one arriving (2 x 2*hkv*d, activation dtype), three fp32 dK/dV
+    accumulators (this step's, the one arriving, the one leaving: 3 x 2*hkv*d), and the fp32 block
+    workspace of one tile pair: P and dS, [heads, tile, tile] each (blocks.py computes in place)."""
     hq, hkv, d, _ = _heads(model, t.tp)
     if t.cp == 1:
         return t.a * t.s * (2 * hq + 2 * hkv) * d
     kv = cp_kv_heads(model, t)
     rows = t.s * t.ulysses  # the ring's sequence after the Ulysses all-to-all (heads / U)
-    tile_temps = 4 * 4 * t.batch * (hq // t.ulysses) * min(t.tile, rows) * min(t.tile, rows // t.batch)
-    return t.s * (t.a * hq * d + 4 * hq * d + 4 * hq + 4 * t.a * kv * d + 24 * kv * d) + tile_temps
+    tile_workspace = 2 * 4 * (hq // t.ulysses) * min(t.tile, rows) * min(t.tile, rows // t.batch)
+    return t.s * (t.a * hq * d + 4 * hq * d + 4 * hq + 4 * t.a * kv * d + 24 * kv * d) + tile_workspace
 
 
 def layer_input(model: ModelConfig, t: Tokens) -> int:
@@ -127,17 +127,19 @@ def layer_input(model: ModelConfig, t: Tokens) -> int:
 
 
 def llm_layer_backward_working(model: ModelConfig, t: Tokens) -> int:
-    """Gradients alive at the worst moment of one layer's backward, beyond its saved tensors.
+    """Gradients alive at the worst moment of one layer's backward, beyond the saved tensors still held.
 
     The gradient of the layer output (n*h) stays until the residual branch adds its part; under SP
-    its all-gathered copy (s*h) joins it inside fc2's backward. Then the wider of: one MLP-wide
-    gradient (s*f: fc2's input gradient, then the SiLU's and the up half's while fc2 and the
-    product free their saved inputs, then fc1's output gradient as the fc1 output is freed), and
-    the core attention's backward (attention_backward_working)."""
+    its all-gathered copy (s*h) joins it inside the row-parallel linears' backward. The MLP runs
+    first: one MLP-wide gradient (s*f) is alive at a time beyond what it frees (fc2's input
+    gradient; then the SiLU's and the up half's as fc2 and the product free their inputs; then
+    fc1's output gradient as the fc1 output is freed). The core attention's backward comes after
+    the MLP, the second norm and linear_proj have freed what they kept, so it only counts beyond that."""
     h = model.language.hidden_size
-    _, _, _, f = _heads(model, t.tp)
+    hq, _, d, f = _heads(model, t.tp)
     grad_out = t.a * t.n * h + (t.a * t.s * h if t.sequence_parallel else 0)
-    return grad_out + max(t.a * t.s * f, attention_backward_working(model, t))
+    freed = t.a * t.s * (4 * f + hq * d) + rmsnorm_saved(h, t)
+    return grad_out + max(t.a * t.s * f, attention_backward_working(model, t) - freed)
 
 
 def recompute_unit(model: ModelConfig, t: Tokens, layers: int, selective: bool = False) -> int:

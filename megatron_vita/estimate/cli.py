@@ -26,17 +26,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "else long-vita-14b)")
     p.add_argument("--seq-length", type=int, default=None, help="tokens per packed sequence (default: the recipe's)")
     g = p.add_argument_group("layout (Megatron's flags)")
-    g.add_argument("--tp", "--tensor-model-parallel-size", dest="tensor_model_parallel_size", type=int, default=None)
+    g.add_argument("--tp", "--tensor-model-parallel-size", dest="tensor_model_parallel_size", type=int, default=None,
+                   metavar="N")
     g.add_argument("--pp", "--pipeline-model-parallel-size", dest="pipeline_model_parallel_size", type=int,
-                   default=None)
-    g.add_argument("--cp", "--context-parallel-size", dest="context_parallel_size", type=int, default=None)
-    g.add_argument("--cp-algo", "--context-parallel-algo", dest="context_parallel_algo", default=None,
+                   default=None, metavar="N")
+    g.add_argument("--cp", "--context-parallel-size", dest="context_parallel_size", type=int, default=None, metavar="N")
+    g.add_argument("--cp-algo", "--context-parallel-algo", dest="context_parallel_algo", default=None, metavar="ALGO",
                    help="ring (default), ulysses or hybrid (MindSpeed's names accepted)")
     g.add_argument("--ulysses-degree-in-cp", type=int, default=None, help="hybrid: Ulysses ranks per ring rank")
     g.add_argument("--sequence-parallel", action="store_true", default=None)
     g.add_argument("--use-distributed-optimizer", action="store_true", default=None,
                    help="shard Adam's state (and fp32 master weights) over DP x CP")
-    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None, metavar="N")
     g.add_argument("--dp", "--data-parallel-size", dest="dp", type=int, default=1, help="data-parallel size")
     b = p.add_argument_group("batch, precision, recompute")
     b.add_argument("--micro-batch-size", type=int, default=None)
@@ -44,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --dp: micro-batches per step (caps the pipeline's in-flight micro-batches)")
     b.add_argument("--bf16", dest="bf16", action="store_true", default=None, help="bf16 parameters and activations")
     b.add_argument("--fp32", dest="bf16", action="store_const", const=False, help="fp32 parameters and activations")
-    b.add_argument("--recompute", "--recompute-granularity", dest="recompute_granularity", default=None,
+    b.add_argument("--recompute", "--recompute-granularity", dest="recompute_granularity", default=None, metavar="GRANULARITY",
                    help="full, selective or none")
     b.add_argument("--recompute-method", default=None, help="full recompute: uniform (default) or block")
     b.add_argument("--recompute-num-layers", type=int, default=None,
@@ -108,7 +109,7 @@ def build_inputs(args: argparse.Namespace):
         model=model, parallel=par, seq_length=seq, data_parallel_size=args.dp,
         micro_batch_size=cfg.micro_batch_size,
         global_batch_size=args.global_batch_size if args.global_batch_size is not None else
-        (cfg.global_batch_size if recipe and "global-batch-size" in training else None),
+        (cfg.global_batch_size if any(str(k).replace("_", "-") == "global-batch-size" for k in training) else None),
         bf16=bool(cfg.bf16), recompute_granularity=gran, recompute_method=method, recompute_num_layers=layers,
         frames=frames, image_tiles=args.image_tiles,
         supervised_tokens=args.supervised_tokens,
