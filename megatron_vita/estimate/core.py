@@ -30,9 +30,9 @@ from megatron_vita.estimate.params import stage_layers, static_terms, vocab_rows
 GIB = 1024 ** 3
 
 MODELLED = (
-    "weights, fp32 main_grad, Adam state (+ fp32 master for bf16), the step's micro-batches, saved activations "
-    "per layer (TP, SP, CP, recompute), ViT + projector on the first stage, LM head + loss, pipeline "
-    "micro-batches in flight, one layer's backward working set",
+    "weights, fp32 main_grad, Adam state (+ fp32 master for bf16), the batch, saved activations per layer (TP, "
+    "SP, CP, recompute), ViT + projector on the first stage, LM head + loss, pipeline micro-batches in flight, "
+    "the largest working set (a layer's backward, the rebuilt recompute unit, the head's logits, the vision forward)",
 )
 NOT_MODELLED = (
     "allocator fragmentation and caching, communication buffers (NCCL/HCCL/gloo), the CUDA/CANN context and "
@@ -89,29 +89,32 @@ def tiles_per_rank(inputs: EstimateInputs) -> int:
     return min(inputs.tiles, math.ceil(inputs.tiles / cp) + 1)
 
 
-def in_flight(inputs: EstimateInputs, pp_rank: int) -> int:
-    """Micro-batches whose activations a stage holds at its peak (megatron's 1F1B warm-up + 1)."""
+def in_flight(inputs: EstimateInputs, pp_rank: int) -> float:
+    """Micro-batches whose activations a stage holds at its peak (megatron's 1F1B warm-up + 1).
+
+    With a virtual pipeline, interleaved 1F1B runs (PP - rank - 1) * 2 + (VPP - 1) * PP warm-up
+    chunk passes, + 1, each holding 1/VPP of the stage's layers: the count is in whole-stage
+    micro-batches, so it may be fractional."""
     par = inputs.parallel
     if par.pp == 1:
         return 1
     if par.vpp:
-        # Interleaved 1F1B: (PP - rank - 1) * 2 + (VPP - 1) * PP warm-up chunk passes, + 1; counted
-        # here in whole-stage micro-batches (each chunk pass holds 1/VPP of the stage's layers).
         chunks = (par.pp - pp_rank - 1) * 2 + (par.vpp - 1) * par.pp + 1
         total = (inputs.micro_batches or chunks) * par.vpp
-        return max(1, math.ceil(min(chunks, total) / par.vpp))
+        return max(1.0, min(chunks, total) / par.vpp)
     n = par.pp - pp_rank
     return min(n, inputs.micro_batches) if inputs.micro_batches else n
 
 
-def _batch(inputs: EstimateInputs, pp_rank: int, flight: int) -> Term:
+def _batch(inputs: EstimateInputs, pp_rank: int, flight: float) -> Term:
     v = inputs.model.vision
     tokens = 28 * inputs.seq_length * inputs.micro_batch_size  # ids, labels, positions (int64), loss mask (fp32)
     pixels = 0
     if pp_rank == 0:
         pixels = 4 * tiles_per_rank(inputs) * inputs.micro_batch_size * v.num_channels * v.image_size ** 2
-    return Term("batch", flight * (tokens + pixels),
-                f"{flight} micro-batch(es) in flight: ids/labels/positions/mask" + (" + fp32 pixels" if pixels else ""))
+    n = math.ceil(flight)
+    return Term("batch", n * (tokens + pixels),
+                f"{n} micro-batch(es) in flight: ids/labels/positions/mask" + (" + fp32 pixels" if pixels else ""))
 
 
 def _recompute_units(inputs: EstimateInputs, layers: int) -> Tuple[int, int, int]:
@@ -227,8 +230,8 @@ def estimate(inputs: EstimateInputs) -> MemoryEstimate:
             # Before the layers run, this micro-batch holds only what the vision keeps.
             phases["the vision / embedding forward"] = vforward - held
         if flight > 1:
-            st.terms.append(Term("in flight", (flight - 1) * held,
-                                 f"{flight - 1} more micro-batch(es) held by 1F1B on stage {pp_rank}"))
+            st.terms.append(Term("in flight", round((flight - 1) * held),
+                                 f"{flight - 1:g} more micro-batch(es) held by 1F1B on stage {pp_rank}"))
         which = max(phases, key=phases.get)
         st.terms.append(Term("working", max(0, phases[which]), f"largest transient: {which}"))
         stages.append(st)
