@@ -34,6 +34,7 @@ class MegatronPatch:
     function: str  # "module:attribute" of the replacement or wrapper, imported when applied
     backends: Tuple[str, ...]
     reason: str  # one line
+    create_dummy: bool = False  # the target is absent from this version (an alias it lost)
 
     def load(self) -> Callable:
         module, _, attr = self.function.partition(":")
@@ -67,6 +68,22 @@ PATCHES: Tuple[MegatronPatch, ...] = (
         "it starts a multiprocessing Manager server (outliving a rank that exits early) for "
         "results that the in-process writer hands over in the same process"),
     MegatronPatch(
+        "numpy2-product", "numpy.product", "numpy:prod", ALL_BACKENDS,
+        "megatron-core's dist_checkpointing calls np.product, which numpy 2 removed (np.prod): "
+        "saving with the distributed optimizer (flattened shards) fails in its sharding check",
+        create_dummy=True),
+    MegatronPatch(
+        "dist-optimizer-fresh-state", "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.state_dict",
+        f"{__name__}:dist_optimizer_state_dict_wrapper", ALL_BACKENDS,
+        "without apex/TransformerEngine it reads Adam's per-parameter 'step', which a fresh optimizer "
+        "lacks, so loading a checkpoint (it calls state_dict() before reading one) asserts"),
+    MegatronPatch(
+        "dist-optimizer-load-step", "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer."
+        "_set_main_param_and_optimizer_states", f"{__name__}:set_main_param_states_wrapper", ALL_BACKENDS,
+        "it copies every key of torch Adam's state from the checkpoint, 'step' included, which the "
+        "checkpoint does not hold per parameter (load_state_dict sets it, one tensor shared by every "
+        "parameter, which Adam then increments once per parameter), so loading raises KeyError"),
+    MegatronPatch(
         "cpu-rng-get", "megatron.core.tensor_parallel.random._get_cuda_rng_state",
         "megatron_vita.platform.cpu_shim:get_cpu_rng_state", ("cpu",),
         "it reads torch.cuda.default_generators; on the CPU the tensor-parallel RNG states are "
@@ -99,7 +116,8 @@ def register(backend: str, registry: PatchRegistry = REGISTRY) -> None:
     if backend not in ALL_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(ALL_BACKENDS)}")
     for patch in patches(backend):
-        registry.register_patch(patch.target, patch.load(), reason=f"{patch.name}: {patch.reason}")
+        registry.register_patch(patch.target, patch.load(), create_dummy=patch.create_dummy,
+                                reason=f"{patch.name}: {patch.reason}")
 
 
 def apply(backend: str, registry: PatchRegistry = REGISTRY, strict_version: Optional[bool] = None) -> None:
@@ -136,6 +154,50 @@ def quantize_param_shard_wrapper(quantize_param_shard: Callable) -> Callable:
         return quantize_param_shard(model_params, *args, **kwargs)
 
     return quantize_param_shard_unless_empty
+
+
+def dist_optimizer_state_dict_wrapper(state_dict: Callable) -> Callable:
+    """A fresh torch Adam has no state: give it megatron's zero state and step 0 first.
+
+    Only on the path without apex/TE (which reads 'step' from every parameter's state); a
+    checkpoint being loaded then overwrites all of it."""
+
+    def state_dict_of_fresh_optimizer(self):
+        from megatron.core.optimizer import distrib_optimizer
+
+        inner = self.optimizer
+        params = [p for g in inner.param_groups for p in g["params"]]
+        fresh = params and all(len(inner.state[p]) == 0 for p in params)
+        if fresh and not distrib_optimizer.HAVE_APEX_OR_TE and self.init_state_fn is not None:
+            import torch
+
+            self.init_state_fn(inner, self.config)
+            for p in params:
+                inner.state[p].setdefault("step", torch.tensor(0.0))
+        return state_dict(self)
+
+    return state_dict_of_fresh_optimizer
+
+
+def set_main_param_states_wrapper(set_states: Callable) -> Callable:
+    """Leave Adam's 'step' out of the per-parameter copy (load_state_dict already set it), and
+    give each parameter a step tensor of its own."""
+
+    def set_main_param_and_optimizer_states_but_step(self, model_param, tensors):
+        if "step" in tensors or self.ddp_config.use_custom_fsdp or self.config.use_precision_aware_optimizer:
+            return set_states(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+        step = state.pop("step", None)
+        try:
+            return set_states(self, model_param, tensors)
+        finally:
+            if step is not None:
+                # load_state_dict gave every parameter the SAME step tensor, which torch Adam
+                # then increments in place once per parameter: each gets its own.
+                state["step"] = step.clone()
+
+    return set_main_param_and_optimizer_states_but_step
 
 
 def destroy_model_parallel_wrapper(destroy_model_parallel: Callable) -> Callable:

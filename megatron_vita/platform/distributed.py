@@ -32,19 +32,33 @@ from megatron_vita.platform.backend import Platform, activate
 
 
 def free_port() -> int:
+    """A port free at the time of the call (another process may take it before it is used: the
+    launchers here never rely on it, they let the rendezvous store bind port 0 instead)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def init_distributed(platform: Optional[Platform] = None, timeout_minutes: int = 30) -> Platform:
-    """Initialise the default process group for this process (idempotent)."""
+def rendezvous_server(timeout_minutes: int = 30) -> "dist.TCPStore":
+    """The rendezvous store of a local run, listening on a port the kernel picks (port 0).
+
+    Picking a free port and binding it later is a race: in between, any socket on the machine
+    (gloo's own connections among them) may be given that port, and the run fails with
+    EADDRINUSE. Binding port 0 in the store itself leaves no gap; ranks connect as clients."""
+    return dist.TCPStore("127.0.0.1", 0, None, True, timedelta(minutes=timeout_minutes), wait_for_workers=False)
+
+
+def init_distributed(platform: Optional[Platform] = None, timeout_minutes: int = 30,
+                     store: Optional["dist.Store"] = None) -> Platform:
+    """Initialise the default process group for this process (idempotent): through `store` when
+    given (the local launcher's), else torchrun's environment, else as a world of one."""
     platform = platform or activate()
     if dist.is_initialized():
         return platform
-    if "RANK" not in os.environ:
+    if store is None and "RANK" not in os.environ:
+        store = rendezvous_server(timeout_minutes)
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+                          MASTER_PORT=str(store.port))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     platform.set_device(local_rank)
     dist.init_process_group(
@@ -52,6 +66,7 @@ def init_distributed(platform: Optional[Platform] = None, timeout_minutes: int =
         rank=int(os.environ["RANK"]),
         world_size=int(os.environ["WORLD_SIZE"]),
         timeout=timedelta(minutes=timeout_minutes),
+        store=store,
     )
     return platform
 
@@ -73,7 +88,8 @@ def _worker(rank, world_size, port, backend, threads, fn, args, queue):
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(threads)
     try:
-        init_distributed(activate(backend), timeout_minutes=10)
+        store = dist.TCPStore("127.0.0.1", port, world_size, False, timedelta(minutes=10))
+        init_distributed(activate(backend), timeout_minutes=10, store=store)
         # Serialised here, so that a result torch.save cannot write is this rank's reported error.
         result = _to_bytes(fn(rank, world_size, *args))
         dist.barrier()
@@ -113,7 +129,8 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = free_port()
+    server = rendezvous_server()  # held by the launcher until every rank is gone
+    port = server.port
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, threads, fn, args, q), daemon=False)
              for r in range(world_size)]
     for p in procs:

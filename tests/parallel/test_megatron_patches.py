@@ -53,7 +53,9 @@ def test_the_list_names_each_target_once_with_a_one_line_reason():
     targets = [p.target for p in megatron_patches.PATCHES]
     assert len(set(names)) == len(names) and len(set(targets)) == len(targets)
     for name, target, reason in megatron_patches.listing():
-        assert target.startswith("megatron.core.") and reason and "\n" not in reason, name
+        # numpy.product: an alias numpy 2 removed, which megatron-core still calls
+        assert target.startswith("megatron.core.") or target == "numpy.product", name
+        assert reason and "\n" not in reason, name
     cpu_only = {n for n, _, _ in megatron_patches.listing("cpu")} - {n for n, _, _ in megatron_patches.listing("cuda")}
     assert cpu_only == {"cpu-rng-get", "cpu-rng-set"}
     assert megatron_patches.listing("npu") == megatron_patches.listing("cuda")

@@ -1,7 +1,8 @@
 """kill -9 a 2-process training run mid-way, resume with --load: the rest is identical.
 
-The run is the real command (`megatron-vita train`, TP=2 over gloo, checkpoints every 2
-iterations). A second, uninterrupted run gives the reference. After the resume every later
+The run is the real command (`megatron-vita train` over gloo, checkpoints every 2 iterations) at
+context parallel 2 (ring) with the distributed optimizer, whose state is sharded over DP x CP:
+each rank trains its load-balanced half of every sequence and saves its own optimizer shard. A second, uninterrupted run gives the reference. After the resume every later
 iteration must have exactly the same loss (CPU fp32, bit for bit), consumed exactly the same
 samples (dataset, record) as the uninterrupted run (none lost, none repeated), and count the
 consumed samples on from the checkpoint's count, as Megatron-LM does.
@@ -30,7 +31,8 @@ ITERS = 8
 
 def _train_cmd(data, save, metrics, *extra):
     return [sys.executable, "-m", "megatron_vita", "train", "--recipe", "data_recipes/demo.yaml",
-            "--data-root", data, "--stage", "1", "--tensor-model-parallel-size", "2", "--global-batch-size", "4",
+            "--data-root", data, "--stage", "1", "--context-parallel-size", "2", "--use-distributed-optimizer",
+            "--global-batch-size", "4",
             "--train-iters", str(ITERS), "--save-interval", "2", "--save", save, "--metrics-file", metrics,
             "--num-workers", "1", *extra]
 
