@@ -71,8 +71,13 @@ class CoreAttention(MegatronModule):
         packed_seq_params: Optional[PackedSeqParams] = None,
     ) -> torch.Tensor:
         if attention_bias is not None:
-            raise NotImplementedError("CoreAttention does not take an attention_bias")
+            raise NotImplementedError(f"{type(self).__name__} does not take an attention_bias")
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        return self.attend(query, key, value, attention_mask, mask_type, packed_seq_params)
+
+    def attend(self, query, key, value, attention_mask, mask_type: AttnMaskType,
+               packed_seq_params: Optional[PackedSeqParams]) -> torch.Tensor:
+        """The attention itself (subclasses for other algorithms override this, not forward)."""
         causal = mask_type == AttnMaskType.causal
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             return self._forward_packed(query, key, value, causal, packed_seq_params)

@@ -43,32 +43,20 @@ def layout_from_packed(params: PackedSeqParams, degree: int) -> SeqLayout:
 class ContextParallelAttention(CoreAttention):
     """CoreAttention over the whole (packed) sequence from this rank's share of it."""
 
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: Optional[torch.Tensor],
-        attn_mask_type: Optional[AttnMaskType] = None,
-        attention_bias: Optional[torch.Tensor] = None,
-        packed_seq_params: Optional[PackedSeqParams] = None,
-    ) -> torch.Tensor:
+    def attend(self, query, key, value, attention_mask, mask_type: AttnMaskType,
+               packed_seq_params: Optional[PackedSeqParams]) -> torch.Tensor:
         from megatron_vita.parallel.state import cp_groups, cp_send_recv_overlap
 
-        if attention_bias is not None:
-            raise NotImplementedError("context-parallel attention does not take an attention_bias")
         groups = cp_groups()
         if groups is None:
             raise RuntimeError("context-parallel attention needs the CP groups of "
                                "megatron_vita.parallel.state.initialize_parallel (context_parallel_size > 1)")
-        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         if mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask):
             raise NotImplementedError(f"context-parallel attention supports causal or no mask, not {mask_type}")
-        causal = mask_type == AttnMaskType.causal
         if key.shape[0] != query.shape[0]:
             raise NotImplementedError("context-parallel attention has no KV-cache decoding (queries and keys "
                                       "must cover the same tokens)")
-        kw = dict(causal=causal, scale=self.softmax_scale, overlap=cp_send_recv_overlap())
+        kw = dict(causal=mask_type == AttnMaskType.causal, scale=self.softmax_scale, overlap=cp_send_recv_overlap())
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             layout = layout_from_packed(packed_seq_params, groups.size)
             q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))  # [1, h, t, d]
