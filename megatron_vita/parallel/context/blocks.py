@@ -16,9 +16,12 @@ Positions must increase along each segment's rows (true of every layout in layou
 a query tile skip the key tiles wholly after it.
 
 Memory: no [s, s] scores. Queries and keys are processed in tiles of at most `tile` rows, so the
-largest temporary is [b, heads, tile, tile]. GQA is computed without repeating K/V: the query
-heads sharing a KV head are folded into the query rows of one matmul. Scores, softmax and all
-accumulators are fp32 whatever the input dtype (the precision flash attention keeps).
+largest temporary is [b, heads, tile, tile]; the exponentials and dS are computed in place, so at
+most one (forward) or two (backward) of them are alive at a time (at narrow widths this fixed
+workspace, not the activations, would otherwise set a rank's peak). GQA is computed without
+repeating K/V: the query heads sharing a KV head are folded into the query rows of one matmul.
+Scores, softmax and all accumulators are fp32 whatever the input dtype (the precision flash
+attention keeps).
 """
 from __future__ import annotations
 
@@ -124,11 +127,12 @@ def attention_forward_(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k:
                 s = causal.scores(qt, k[:, :, c:e].float(), scale, seg, a, b, c, e)
                 m_new = torch.maximum(m, s.amax(-1))
                 m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)
-                p = torch.exp(s - m_safe.unsqueeze(-1))
+                p = s.sub_(m_safe.unsqueeze(-1)).exp_()  # in place: one [tile, tile] buffer per key tile
                 corr = torch.exp(m - m_safe)
                 l = l * corr + p.sum(-1)
                 acc = acc * corr.unsqueeze(-1) + torch.matmul(p, v[:, :, c:e].float())
                 m = m_new
+                del s, p  # before the next tile's scores are allocated
             seen = l > 0
             blk_out = (acc / torch.where(seen, l, 1.0).unsqueeze(-1)).view(B, hkv, g, b - a, -1)
             blk_lse = torch.where(seen, m + torch.log(torch.where(seen, l, 1.0)), float("-inf")).view(B, hkv, g, b - a)
@@ -162,10 +166,13 @@ def attention_backward_(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, q:
             for c in range(seg.k0, k_end, tile):
                 e = min(c + tile, k_end)
                 kt, vt = k[:, :, c:e].float(), v[:, :, c:e].float()
-                p = torch.exp(causal.scores(qt, kt, scale, seg, a, b, c, e) - lse_t)
+                # In place, so at most two [tile, tile] buffers (P, then dS) are alive at once.
+                p = causal.scores(qt, kt, scale, seg, a, b, c, e).sub_(lse_t).exp_()
                 dv[:, :, c:e] += torch.matmul(p.transpose(-1, -2), dot)
-                ds = p * (torch.matmul(dot, vt.transpose(-1, -2)) - delta_t)
+                ds = torch.matmul(dot, vt.transpose(-1, -2)).sub_(delta_t).mul_(p)
+                del p
                 dq_t += torch.matmul(ds, kt)
                 dk[:, :, c:e] += torch.matmul(ds.transpose(-1, -2), qt).mul_(scale)
+                del ds
             dq5[:, :, :, a:b] += dq_t.mul_(scale).view(B, hkv, g, b - a, -1)
 
