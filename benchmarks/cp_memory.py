@@ -1,7 +1,7 @@
 """Per-rank peak activation memory of one training step at context parallelism 1, 2 and 4, side by side.
 
 One long causal sequence (packing without reset, as stages 3 and 4 train) of a narrow Long-VITA
-(the `tiny` preset's widths, more LLM layers, positions up to 1M) takes one real training step,
+(the `tiny` preset's widths and 4 LLM layers, `--layers` for more) takes one real training step,
 forward and backward, through the training engine (`engine.train_step`: the CP split of the batch,
 ring attention, the logits-masked head, DDP, Adam) on CP ranks spawned over gloo, in one run:
 
