@@ -29,7 +29,7 @@ from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cp_memory import MALLOC_ENV, PeakMeter, StepSpec, bench_model, long_sequence  # noqa: E402
+from cp_memory import PeakMeter, StepSpec, bench_model, long_sequence, spawn_measured  # noqa: E402
 
 
 def _largest(value: float) -> float:
@@ -100,19 +100,8 @@ def search_rank(rank: int, world: int, spec: StepSpec, budget: int, start: int, 
 
 
 def search(spec: StepSpec, budget: int, start: int, resolution: int, limit: int) -> Dict[str, object]:
-    from megatron_vita import platform
-
-    saved = {k: os.environ.get(k) for k in MALLOC_ENV}
-    os.environ.update(MALLOC_ENV)
-    try:
-        return platform.spawn(search_rank, spec.cp, spec, budget, start, resolution, limit,
-                              backend=spec.backend, timeout=3600)[0]
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return spawn_measured(search_rank, spec.cp, spec, budget, start, resolution, limit,
+                          backend=spec.backend, timeout=3600)[0]
 
 
 def main(argv=None) -> int:

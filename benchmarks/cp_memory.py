@@ -168,12 +168,18 @@ def measure_rank(rank: int, world: int, spec: StepSpec) -> Dict[str, float]:
 
 def run_step(spec: StepSpec, timeout: float = 3600) -> List[Dict[str, float]]:
     """`measure_rank` on spec.cp spawned ranks (malloc returning freed tensors at once); results by rank."""
+    return spawn_measured(measure_rank, spec.cp, spec, backend=spec.backend, timeout=timeout)
+
+
+def spawn_measured(fn, world: int, *args, backend: str = "cpu", timeout: float = 900):
+    """platform.spawn with glibc returning freed memory at once (MALLOC_ENV), so that RSS peaks
+    measure tensors rather than the allocator's cache (shared by the memory benchmarks)."""
     from megatron_vita import platform
 
     saved = {k: os.environ.get(k) for k in MALLOC_ENV}
     os.environ.update(MALLOC_ENV)
     try:
-        return platform.spawn(measure_rank, spec.cp, spec, backend=spec.backend, timeout=timeout)
+        return platform.spawn(fn, world, *args, backend=backend, timeout=timeout)
     finally:
         for k, v in saved.items():
             if v is None:

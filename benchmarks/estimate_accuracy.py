@@ -30,14 +30,12 @@ shared the cores). Exit status 1 when an estimate is more than 15% off its measu
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 TOLERANCE = 0.15
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 def bench_model():
@@ -189,18 +187,9 @@ def _rank(rank: int, world: int, case: Case) -> Dict[str, int]:
 
 
 def measure(case: Case) -> List[Dict[str, int]]:
-    from megatron_vita import platform
+    from cp_memory import spawn_measured  # a sibling script (benchmarks/ is on sys.path when run)
 
-    saved = {k: os.environ.get(k) for k in MALLOC_ENV}
-    os.environ.update(MALLOC_ENV)
-    try:
-        return platform.spawn(_rank, case.world, case, backend="cpu", timeout=900)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return spawn_measured(_rank, case.world, case, backend="cpu", timeout=900)
 
 
 def main(argv=None) -> int:
