@@ -13,9 +13,9 @@ from megatron_vita.platform.backend import (
     current,
     resolve_backend,
 )
-from megatron_vita.platform.distributed import DistributedRunError, free_port, init_distributed, spawn
+from megatron_vita.platform.distributed import DistributedRunError, init_distributed, spawn
 
 __all__ = [
     "BACKENDS", "ENV_VAR", "BackendUnavailableError", "Platform", "activate", "current", "resolve_backend",
-    "DistributedRunError", "free_port", "init_distributed", "spawn",
+    "DistributedRunError", "init_distributed", "spawn",
 ]

@@ -18,7 +18,6 @@ import io
 import os
 import queue as queue_mod
 import signal
-import socket
 import sys
 import time
 import traceback
@@ -29,14 +28,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_vita.platform.backend import Platform, activate
-
-
-def free_port() -> int:
-    """A port free at the time of the call (another process may take it before it is used: the
-    launchers here never rely on it, they let the rendezvous store bind port 0 instead)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rendezvous_server(timeout_minutes: int = 30) -> "dist.TCPStore":

@@ -127,11 +127,3 @@ def unshard_logits(parts: List[torch.Tensor], batch: Dict[str, torch.Tensor], mu
     full = gather_from_ranks(parts, layout, dim=1)
     return full if _prepadded(batch) else unpad_documents(full, layout, dim=1)
 
-
-def cp_local_length(layouts: Sequence[SeqLayout]) -> int:
-    """The one local length of a step's micro-batches (pipeline stages need equal shapes)."""
-    lengths = {l.local_length for l in layouts}
-    if len(lengths) != 1:
-        raise ValueError(f"micro-batches of one step split into different local lengths {sorted(lengths)}: "
-                         "a pack's documents, each padded to the CP multiple, outgrew the sequence")
-    return lengths.pop()

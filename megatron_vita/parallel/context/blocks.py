@@ -112,31 +112,36 @@ def attention_forward_(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k:
     causal = _Causal(q, segments, q_pos, k_pos, g)
     out5 = out.view(B, hkv, g, *out.shape[2:])
     lse4 = lse.view(B, hkv, g, lse.shape[-1])
+    for seg, a, b, k_end in _query_tiles(segments, causal, tile):
+        qt = _fold(q, hkv, a, b)
+        m = torch.full(qt.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+        l = torch.zeros_like(m)
+        acc = torch.zeros_like(qt)
+        for c in range(seg.k0, k_end, tile):
+            e = min(c + tile, k_end)
+            s = causal.scores(qt, k[:, :, c:e].float(), scale, seg, a, b, c, e)
+            m_new = torch.maximum(m, s.amax(-1))
+            m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)
+            p = s.sub_(m_safe.unsqueeze(-1)).exp_()  # in place: one [tile, tile] buffer per key tile
+            corr = torch.exp(m - m_safe)
+            l = l * corr + p.sum(-1)
+            acc = acc * corr.unsqueeze(-1) + torch.matmul(p, v[:, :, c:e].float())
+            m = m_new
+            del s, p  # before the next tile's scores are allocated
+        seen = l > 0
+        blk_out = (acc / torch.where(seen, l, 1.0).unsqueeze(-1)).view(B, hkv, g, b - a, -1)
+        blk_lse = torch.where(seen, m + torch.log(torch.where(seen, l, 1.0)), float("-inf")).view(B, hkv, g, b - a)
+        merge_(out5[:, :, :, a:b], lse4[:, :, :, a:b], blk_out, blk_lse)
+
+
+def _query_tiles(segments, causal: "_Causal", tile: int):
+    """(segment, first query, end query, end key) of every query tile that sees at least one key."""
     for seg in segments:
         for a in range(seg.q0, seg.q1, tile):
             b = min(a + tile, seg.q1)
             k_end = causal.key_end(seg, b - 1)
-            if k_end <= seg.k0:
-                continue
-            qt = _fold(q, hkv, a, b)
-            m = torch.full(qt.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
-            l = torch.zeros_like(m)
-            acc = torch.zeros_like(qt)
-            for c in range(seg.k0, k_end, tile):
-                e = min(c + tile, k_end)
-                s = causal.scores(qt, k[:, :, c:e].float(), scale, seg, a, b, c, e)
-                m_new = torch.maximum(m, s.amax(-1))
-                m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)
-                p = s.sub_(m_safe.unsqueeze(-1)).exp_()  # in place: one [tile, tile] buffer per key tile
-                corr = torch.exp(m - m_safe)
-                l = l * corr + p.sum(-1)
-                acc = acc * corr.unsqueeze(-1) + torch.matmul(p, v[:, :, c:e].float())
-                m = m_new
-                del s, p  # before the next tile's scores are allocated
-            seen = l > 0
-            blk_out = (acc / torch.where(seen, l, 1.0).unsqueeze(-1)).view(B, hkv, g, b - a, -1)
-            blk_lse = torch.where(seen, m + torch.log(torch.where(seen, l, 1.0)), float("-inf")).view(B, hkv, g, b - a)
-            merge_(out5[:, :, :, a:b], lse4[:, :, :, a:b], blk_out, blk_lse)
+            if k_end > seg.k0:
+                yield seg, a, b, k_end
 
 
 def attention_backward_(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -154,25 +159,20 @@ def attention_backward_(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, q:
     dq5 = dq.view(B, hkv, g, *dq.shape[2:])
     # A row without any key has lse -inf; +inf makes its probabilities 0 instead of nan.
     lse = lse.masked_fill(lse == float("-inf"), float("inf"))
-    for seg in segments:
-        for a in range(seg.q0, seg.q1, tile):
-            b = min(a + tile, seg.q1)
-            k_end = causal.key_end(seg, b - 1)
-            if k_end <= seg.k0:
-                continue
-            qt, dot = _fold(q, hkv, a, b), _fold(dout, hkv, a, b)
-            lse_t, delta_t = _fold(lse, hkv, a, b).unsqueeze(-1), _fold(delta, hkv, a, b).unsqueeze(-1)
-            dq_t = torch.zeros_like(qt)
-            for c in range(seg.k0, k_end, tile):
-                e = min(c + tile, k_end)
-                kt, vt = k[:, :, c:e].float(), v[:, :, c:e].float()
-                # In place, so at most two [tile, tile] buffers (P, then dS) are alive at once.
-                p = causal.scores(qt, kt, scale, seg, a, b, c, e).sub_(lse_t).exp_()
-                dv[:, :, c:e] += torch.matmul(p.transpose(-1, -2), dot)
-                ds = torch.matmul(dot, vt.transpose(-1, -2)).sub_(delta_t).mul_(p)
-                del p
-                dq_t += torch.matmul(ds, kt)
-                dk[:, :, c:e] += torch.matmul(ds.transpose(-1, -2), qt).mul_(scale)
-                del ds
-            dq5[:, :, :, a:b] += dq_t.mul_(scale).view(B, hkv, g, b - a, -1)
+    for seg, a, b, k_end in _query_tiles(segments, causal, tile):
+        qt, dot = _fold(q, hkv, a, b), _fold(dout, hkv, a, b)
+        lse_t, delta_t = _fold(lse, hkv, a, b).unsqueeze(-1), _fold(delta, hkv, a, b).unsqueeze(-1)
+        dq_t = torch.zeros_like(qt)
+        for c in range(seg.k0, k_end, tile):
+            e = min(c + tile, k_end)
+            kt, vt = k[:, :, c:e].float(), v[:, :, c:e].float()
+            # In place, so at most two [tile, tile] buffers (P, then dS) are alive at once.
+            p = causal.scores(qt, kt, scale, seg, a, b, c, e).sub_(lse_t).exp_()
+            dv[:, :, c:e] += torch.matmul(p.transpose(-1, -2), dot)
+            ds = torch.matmul(dot, vt.transpose(-1, -2)).sub_(delta_t).mul_(p)
+            del p
+            dq_t += torch.matmul(ds, kt)
+            dk[:, :, c:e] += torch.matmul(ds.transpose(-1, -2), qt).mul_(scale)
+            del ds
+        dq5[:, :, :, a:b] += dq_t.mul_(scale).view(B, hkv, g, b - a, -1)
 
