@@ -14,7 +14,8 @@ Bidirectional attention uses every pair, with each document's padding keys left 
 Overlap (`overlap=True`, Megatron's --use-cp-send-recv-overlap): the transfer of the next K/V
 block is posted before the current block is computed, so communication hides behind compute.
 
-Backward recomputes each block from the saved (q, k, v, out, lse) instead of keeping the
+The forward step's kernel is pluggable (`block_forward`, e.g. an NPU fused-attention kernel that
+returns the block's row max and sum, which become its lse). Backward recomputes each block from the saved (q, k, v, out, lse) instead of keeping the
 probabilities: dQ accumulates locally; each block's dK/dV accumulator travels the ring with it,
 every rank adding its share, and after R steps arrives back at the block's owner. Gradient
 accumulators and the travelling dK/dV are fp32.
@@ -22,7 +23,7 @@ accumulators and the travelling dK/dV are fp32.
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,9 @@ from megatron_vita.parallel.context.blocks import (
 )
 from megatron_vita.parallel.context.layout import SeqLayout
 
+# A forward step's kernel: merges the attention of q against one K/V block into (out, lse) in place,
+# with attention_forward_'s arguments (out, lse, q, k, v, segments, scale, q_pos, k_pos, tile).
+BlockForward = Callable[..., None]
 KV_TAG, GRAD_TAG = 0, 1  # distinct tags: with two ranks, next and previous are the same peer
 
 
@@ -65,13 +69,14 @@ class RingPlan:
     """Host-side description of one ring attention call: who is where and what attends to what."""
 
     def __init__(self, layout: SeqLayout, group=None, causal: bool = True, scale: Optional[float] = None,
-                 overlap: bool = True, tile: int = DEFAULT_TILE):
+                 overlap: bool = True, tile: int = DEFAULT_TILE, block_forward: Optional[BlockForward] = None):
         self.group = group
         self.size = 1 if group is None else dist.get_world_size(group)
         self.rank = 0 if group is None else dist.get_rank(group)
         if layout.degree != self.size:
             raise ValueError(f"layout split over {layout.degree} ranks, ring group of {self.size}")
         self.layout, self.causal, self.scale, self.overlap, self.tile = layout, causal, scale, overlap, tile
+        self.block_forward = block_forward or attention_forward_
         self.positions = [layout.positions(j) for j in range(self.size)]
         self.cu = layout.local_cu_seqlens()
 
@@ -116,7 +121,7 @@ class RingAttention(torch.autograd.Function):
             last = step == plan.size - 1
             pending = comm.shift(kv, KV_TAG) if plan.overlap and not last else None
             kb, vb = _unflat(kv, k.shape)
-            attention_forward_(out, lse, q, kb, vb, plan.segments(j), scale, plan.positions[plan.rank],
+            plan.block_forward(out, lse, q, kb, vb, plan.segments(j), scale, plan.positions[plan.rank],
                                plan.positions[j], plan.tile)
             if not last:
                 kv = RingComm.wait(pending or comm.shift(kv, KV_TAG))
@@ -166,14 +171,16 @@ class RingAttention(torch.autograd.Function):
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SeqLayout, group=None,
                    causal: bool = True, scale: Optional[float] = None, overlap: bool = True,
-                   tile: int = DEFAULT_TILE) -> torch.Tensor:
+                   tile: int = DEFAULT_TILE, block_forward: Optional[BlockForward] = None) -> torch.Tensor:
     """Attention of this rank's load-balanced tokens against the whole sequence held by `group`.
 
     q [B, hq, s_local, d]; k, v [B, hkv, s_local, d] (hq a multiple of hkv: GQA); the tokens are
     `layout.indices(rank)` of the padded global sequence (layout.degree == the group's size, or 1
-    with group None: plain attention that keeps no probabilities for backward)."""
+    with group None: plain attention that keeps no probabilities for backward). `block_forward`: the
+    kernel of each forward step, with attention_forward_'s signature and in-place merge (default:
+    attention_forward_ itself); the backward always recomputes with attention_backward_."""
     if q.shape[2] != layout.local_length or k.shape[2] != layout.local_length:
         raise ValueError(f"local sequence of {q.shape[2]} queries / {k.shape[2]} keys, the layout gives each rank "
                          f"{layout.local_length}")
-    plan = RingPlan(layout, group, causal, scale, overlap, tile)
+    plan = RingPlan(layout, group, causal, scale, overlap, tile, block_forward)
     return RingAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), plan)
