@@ -39,9 +39,14 @@ def language_transformer_config(
     recompute_granularity: Optional[str] = None,
     recompute_method: Optional[str] = None,
     recompute_num_layers: Optional[int] = None,
+    use_cpu_initialization: bool = True,
     **overrides,
 ) -> TransformerConfig:
-    """megatron TransformerConfig for the Qwen2 decoder under a parallel layout."""
+    """megatron TransformerConfig for the Qwen2 decoder under a parallel layout.
+
+    `use_cpu_initialization` is megatron's: parameters initialised on the host (TP-independent
+    draws from the CPU generator) or on the current device; the builder asks the platform
+    (`platform.placement.host_initialization`), this module does not know the backend."""
     kw = dict(
         num_layers=lm.num_layers,
         hidden_size=lm.hidden_size,
@@ -63,7 +68,7 @@ def language_transformer_config(
         add_bias_linear=False,
         add_qkv_bias=True,
         **PLAIN_OPS,
-        use_cpu_initialization=True,
+        use_cpu_initialization=use_cpu_initialization,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
