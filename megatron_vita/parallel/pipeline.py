@@ -6,6 +6,9 @@ training (per-token losses) and inference/verification (logits), so the batch co
 defined once: tokens, position_ids, pixel_values, image_indices, labels, loss_mask, cu_seqlens.
 Under context parallelism the micro-batches are first cut into this rank's share
 (`shard_microbatches`, parallel.context.batch) and the logits put back together after.
+`prepare_microbatches` does that cut on the host and then moves the rank's share to the
+platform's device (non-blocking), with the longest packed document read while the boundaries are
+still on the host: nothing in a forward step waits on the device for a batch property.
 """
 from __future__ import annotations
 
@@ -16,21 +19,34 @@ from megatron.core import parallel_state as ps
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_vita.platform import placement
 
-def packed_seq_params(cu_seqlens: Optional[torch.Tensor],
-                      cu_seqlens_padded: Optional[torch.Tensor] = None) -> Optional[PackedSeqParams]:
+
+def longest_document(cu_seqlens: torch.Tensor, cu_seqlens_padded: Optional[torch.Tensor] = None) -> int:
+    """The longest (padded, when given) document of packed boundaries: megatron's max_seqlen."""
+    ref = (cu_seqlens if cu_seqlens_padded is None else cu_seqlens_padded).reshape(-1)
+    return int((ref[1:] - ref[:-1]).max())
+
+
+def packed_seq_params(cu_seqlens: Optional[torch.Tensor], cu_seqlens_padded: Optional[torch.Tensor] = None,
+                      max_seqlen: Optional[int] = None) -> Optional[PackedSeqParams]:
     """megatron's `thd` description of packed documents (no attention across boundaries).
 
     Under context parallelism both are the GLOBAL boundaries, real and padded to the CP
-    multiple (parallel.context.batch); RoPE and the CP attention leaf read them."""
+    multiple (parallel.context.batch); RoPE and the CP attention leaf read them. `max_seqlen`
+    (longest_document, computed on the host by prepare_microbatches) saves a device sync."""
     if cu_seqlens is None:
         return None
     cu = cu_seqlens.to(torch.int32).reshape(-1)
     padded = None if cu_seqlens_padded is None else cu_seqlens_padded.to(torch.int32).reshape(-1)
-    ref = cu if padded is None else padded
-    longest = int((ref[1:] - ref[:-1]).max())
+    longest = longest_document(cu, padded) if max_seqlen is None else int(max_seqlen)
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=padded,
                            cu_seqlens_kv_padded=padded, max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+# prepare_microbatches' own key for the host-computed longest document (the loader's
+# `max_seqlen` follows the packer's rule, which need not be packed_seq_params').
+_MAX_SEQLEN = "_longest_document"
 
 
 def model_inputs(batch: Dict[str, torch.Tensor]) -> Dict[str, object]:
@@ -44,7 +60,8 @@ def model_inputs(batch: Dict[str, torch.Tensor]) -> Dict[str, object]:
         position_ids=position_ids,
         pixel_values=batch.get("pixel_values"),
         image_indices=batch.get("image_indices"),
-        packed_seq_params=packed_seq_params(batch.get("cu_seqlens"), batch.get("cu_seqlens_padded")),
+        packed_seq_params=packed_seq_params(batch.get("cu_seqlens"), batch.get("cu_seqlens_padded"),
+                                            batch.get(_MAX_SEQLEN)),
     )
 
 
@@ -84,6 +101,19 @@ def shard_microbatches(chunks: Sequence[torch.nn.Module],
     return out
 
 
+def prepare_microbatches(chunks: Sequence[torch.nn.Module],
+                         microbatches: List[Dict[str, torch.Tensor]]) -> List[Dict[str, torch.Tensor]]:
+    """This rank's share of every micro-batch (shard_microbatches, on the host), on the platform's
+    device: tensors moved non-blocking (asynchronous from a pinned loader batch), the longest
+    packed document computed before the move."""
+    out = []
+    for mb in shard_microbatches(chunks, microbatches):
+        if mb.get("cu_seqlens") is not None and mb["cu_seqlens"].device.type == "cpu":
+            mb = dict(mb, **{_MAX_SEQLEN: longest_document(mb["cu_seqlens"], mb.get("cu_seqlens_padded"))})
+        out.append(placement.to_device(mb))
+    return out
+
+
 def run_schedule(chunks: Sequence[torch.nn.Module], microbatches: List[Dict[str, torch.Tensor]],
                  forward_step: Callable, forward_only: bool, seq_length: Optional[int] = None):
     """megatron's forward(-backward) over this rank's chunks; returns the schedule's outputs."""
@@ -112,7 +142,7 @@ def _pad_to_multiple(batch: Dict[str, torch.Tensor], multiple: int, pad_id: int)
     out = dict(batch)
     out["tokens"] = torch.nn.functional.pad(batch["tokens"], (0, extra), value=pad_id)
     if batch.get("position_ids") is not None:
-        tail = batch["position_ids"][:, -1:] + torch.arange(1, extra + 1)
+        tail = batch["position_ids"][:, -1:] + torch.arange(1, extra + 1, device=batch["position_ids"].device)
         out["position_ids"] = torch.cat([batch["position_ids"], tail], dim=1)
     return out
 
@@ -129,8 +159,8 @@ def forward_only(chunks: Sequence[torch.nn.Module], microbatches: List[Dict[str,
     lengths = [mb["tokens"].shape[1] for mb in microbatches]
     cp = ps.get_context_parallel_world_size()
     multiple = config.tensor_model_parallel_size if config.sequence_parallel else 1
-    padded = [_pad_to_multiple(mb, multiple, pad_id) for mb in microbatches] if cp == 1 else \
-        shard_microbatches(chunks, microbatches)
+    padded = prepare_microbatches(chunks, [_pad_to_multiple(mb, multiple, pad_id) for mb in microbatches]
+                                  if cp == 1 else microbatches)
     if len({mb["tokens"].shape[1] for mb in padded}) != 1:
         raise ValueError(f"micro-batches of one call must have equal lengths, got {lengths}")
     n = len(padded)

@@ -9,6 +9,10 @@ Under context parallelism each CP rank holds a share of every sequence (parallel
 the token count is all-reduced over the CP group, each rank's loss is its own sum over that
 global count, megatron's schedule multiplies it by CP and DDP averages over DP x CP, so the
 gradient equals that of CP 1 (Megatron-LM's pretrain_gpt does the same).
+
+Placement: the micro-batches arrive on the host; each rank's share goes to the platform's device
+(`pipeline.prepare_microbatches`), and every tensor a collective reduces here is on that device
+(nccl / hccl reduce nothing else).
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
-from megatron_vita.parallel.pipeline import model_inputs, run_schedule, shard_microbatches
+from megatron_vita.parallel.pipeline import model_inputs, prepare_microbatches, run_schedule
+from megatron_vita.platform import placement
 
 
 def wrap_ddp(chunks: Sequence[torch.nn.Module], use_distributed_optimizer: bool = False,
@@ -87,11 +92,12 @@ def train_step(ddp_chunks: Sequence[DistributedDataParallel], optimizer,
         m.train()
         m.zero_grad_buffer()
     optimizer.zero_grad()
-    outputs = run_schedule(ddp_chunks, shard_microbatches(ddp_chunks, microbatches), forward_step, forward_only=False)
+    outputs = run_schedule(ddp_chunks, prepare_microbatches(ddp_chunks, microbatches), forward_step,
+                           forward_only=False)
     ok, grad_norm, _ = optimizer.step()
-    stats = torch.zeros(2, dtype=torch.float64)
+    stats = torch.zeros(2, dtype=placement.collective_dtype(torch.float64), device=placement.device())
     if ps.is_pipeline_last_stage(ignore_virtual=True):
-        per_mb = torch.stack([o["lm loss"] for o in outputs]).double()
+        per_mb = torch.stack([o["lm loss"] for o in outputs]).to(stats.dtype)
         stats = torch.stack([per_mb[:, 0].mean(), per_mb[:, 1].sum()])
         dp_group = ps.get_data_parallel_group(with_context_parallel=True)
         torch.distributed.all_reduce(stats, group=dp_group)

@@ -26,11 +26,20 @@ def _micro_batches_per_step(cfg: TrainConfig, dp: int) -> int:
     return cfg.global_batch_size // per_step
 
 
+def _pin_batches(par: ParallelConfig) -> bool:
+    """Pin loader batches when they are what goes to the device: on an accelerator, without
+    context parallelism (a CP rank's share is cut out on the host first, into fresh memory)."""
+    from megatron_vita.platform import placement
+
+    return placement.pin_memory_helps() and par.cp == 1
+
+
 def setup_model_and_optimizer(cfg: TrainConfig, model_config: ModelConfig, par: ParallelConfig):
     """This rank's DDP-wrapped chunks, optimizer and LR scheduler, initialised as the stage says.
 
     Megatron's process groups must exist. Initial weights: --init-hf, else megatron's random init
-    (--load is applied afterwards by the caller). Frozen modules get no gradient buffers.
+    (--load is applied afterwards by the caller). Frozen modules get no gradient buffers. The
+    chunks are built on the platform's device (the builder), before DDP allocates its buffers there.
     """
     from megatron_vita.checkpoint.hf_format import HFSource
     from megatron_vita.checkpoint.model_io import PartsSource, load_hf_weights
@@ -98,7 +107,7 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
                                     seed=cfg.seed, dp_rank=info.dp_rank, dp_size=info.dp_size,
                                     micro_batch_size=cfg.micro_batch_size, num_workers=cfg.num_workers,
                                     state=data_state, dp_group=parallel_state.get_data_parallel_group(),
-                                    pack_align=par.cp_sequence_multiple)
+                                    pack_align=par.cp_sequence_multiple, pin_memory=_pin_batches(par))
         log = TrainLogger(cfg, plat, start=start, consumed=consumed)
         log.banner(model_config, par, info, n_micro, [m.module for m in ddp], optimizer)
         last: Dict[str, float] = {}

@@ -138,7 +138,8 @@ class TrainLogger:
     def banner(self, model_config, par, info, n_micro: int, chunks, optimizer) -> None:
         trainable = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
         total = sum(p.numel() for c in chunks for p in c.parameters())
-        counts = torch.tensor([trainable, total], dtype=torch.float64)
+        # A collective's tensor lives on the platform's device (nccl / hccl reduce nothing else).
+        counts = torch.tensor([trainable, total], dtype=torch.int64, device=self.platform.device())
         torch.distributed.all_reduce(counts)
         groups = sorted({round(g.get("lr_mult", 1.0), 6) for g in optimizer.param_groups})
         self._print(

@@ -79,8 +79,11 @@ def shard_batch(batch: Dict[str, torch.Tensor], rank: int, degree: int, multiple
     rows = batch["tokens"].shape[0]
     out["position_ids"] = layout.position_ids(rank, reset).to(batch["tokens"].device).unsqueeze(0).expand(rows, -1)
     if reset:
-        out["cu_seqlens"] = torch.tensor(layout.cu_seqlens(padded=False), dtype=torch.int32)
-        out["cu_seqlens_padded"] = torch.tensor(layout.cu_seqlens(padded=True), dtype=torch.int32)
+        # On the batch's device like every other field (the training path cuts on the host and
+        # moves the share after: pipeline.prepare_microbatches).
+        device = batch["tokens"].device
+        out["cu_seqlens"] = torch.tensor(layout.cu_seqlens(padded=False), dtype=torch.int32, device=device)
+        out["cu_seqlens_padded"] = torch.tensor(layout.cu_seqlens(padded=True), dtype=torch.int32, device=device)
         out["max_seqlen"] = max(layout.padded)
     pixels = batch.get("pixel_values")
     if pixels is not None and pixels.shape[0] > 0:
