@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data_recipes", "demo.yaml")
 
@@ -53,7 +53,8 @@ def train_stage(stage: int, data: str, save: str, backend: str, **flags) -> List
         return [json.loads(line) for line in f]
 
 
-def evaluate(hf_dir: str, data: str, max_new_tokens: int = 4, log=print) -> Dict[str, Dict[str, float]]:
+def evaluate(hf_dir: str, data: str, max_new_tokens: int = 4, log=print,
+             backend: Optional[str] = None) -> Dict[str, Dict[str, float]]:
     """Held-out accuracy of the exported HF model: exact match of the first generated word."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -64,8 +65,11 @@ def evaluate(hf_dir: str, data: str, max_new_tokens: int = 4, log=print) -> Dict
     from megatron_vita.data.recipe import load_recipe
     from megatron_vita.data.template import load_tokenizer
 
+    from megatron_vita.platform import placement
+
     tokenizer = load_tokenizer(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    device = placement.device(backend)  # the exported model answers on the training's device
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval().to(device)
     model_config = ModelConfig.from_hf_dir(hf_dir)
     prompts = RecordEvaluator(load_recipe(RECIPE, data), tokenizer, model_config, data)
     with open(os.path.join(data, "heldout", "meta.json"), encoding="utf-8") as f:
@@ -77,9 +81,10 @@ def evaluate(hf_dir: str, data: str, max_new_tokens: int = 4, log=print) -> Dict
     with torch.no_grad():
         for rec in records:
             ids, pixels, _ = prompts.prompt(rec)
-            out = model.generate(torch.tensor([ids]), images=pixels if pixels.shape[0] else None,
-                                 max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=model_config.tokens.eos_token_id, pad_token_id=model_config.tokens.pad_token_id)
+            images = pixels.to(device) if pixels.shape[0] else None
+            out = model.generate(torch.tensor([ids], device=device), images=images, max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=model_config.tokens.eos_token_id,
+                                 pad_token_id=model_config.tokens.pad_token_id)
             reply = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
             words = reply.split()
             hits[rec["qtype"]].append(bool(words) and words[0].strip(".,") == rec["answer"])
@@ -128,7 +133,7 @@ def run_demo(out: str, tp: int = 2, stage1_iters: int = 30, stage2_iters: int = 
     convert(os.path.join(out, "stage2"), hf_dir, src_format="megatron", dst_format="hf", force=True,
             tokenizer=os.path.join(data, "tokenizer"), progress=False, log=lambda *a: None)
     log("[demo] 5/6 held-out questions on unseen images and videos (transformers, greedy)")
-    result = evaluate(hf_dir, data, log=log)
+    result = evaluate(hf_dir, data, log=log, backend=backend)
     minutes = (time.perf_counter() - t0) / 60
     log(f"[demo] {'question':<8} {'accuracy':>9} {'chance':>7} {'n':>4}")
     for qtype, r in result.items():

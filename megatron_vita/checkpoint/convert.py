@@ -179,7 +179,8 @@ def convert(src: str, dst: str, src_format: str = "hf", dst_format: str = "megat
             dtype: Optional[str] = None,
             force: bool = False, verify: bool = False, model: Optional[str] = None, tokenizer: Optional[str] = None,
             iteration: Optional[int] = None, max_shard_size: Optional[int] = None, progress: bool = True,
-            on_tensor: Optional[Callable[[str, int], None]] = None, log=print) -> dict:
+            on_tensor: Optional[Callable[[str, int], None]] = None, log=print,
+            backend: Optional[str] = None) -> dict:
     """Convert `src` (format `src_format`: hf | megatron) to `dst` (`dst_format`).
 
     Megatron targets take the `layout` (TP, PP, VPP, uneven first/last stage, vocab divisor;
@@ -187,7 +188,8 @@ def convert(src: str, dst: str, src_format: str = "hf", dst_format: str = "megat
     accepts all three, training loads mcore). `dtype` (bf16 | fp16 | fp32) casts, default: the
     source's. HF targets copy tokenizer/processor files from `tokenizer` (default: the HF source
     or the --model directory). `on_tensor(name, bytes)` is called as each tensor is handed to the
-    target (progress reporting; tests use it to kill a conversion mid-way).
+    target (progress reporting; tests use it to kill a conversion mid-way). `verify` runs both
+    sides on `backend`'s device (default: the active platform's, i.e. --backend).
     Returns a summary dict (tensors, bytes, seconds, verify result if asked).
     """
     import time
@@ -286,18 +288,18 @@ def convert(src: str, dst: str, src_format: str = "hf", dst_format: str = "megat
     log(f"convert: wrote {done['tensors']} tensors, {done['bytes'] / 1e9:.2f} GB in {seconds:.1f}s "
         f"({done['bytes'] / 1e9 / max(seconds, 1e-9):.2f} GB/s) to {dst}")
     if verify:
-        summary["verify"] = verify_conversion(src, src_format, dst, dst_format, model, log=log)
+        summary["verify"] = verify_conversion(src, src_format, dst, dst_format, model, log=log, backend=backend)
     return summary
 
 
 def verify_conversion(src: str, src_format: str, dst: str, dst_format: str, model: Optional[str] = None,
-                      log=print) -> dict:
-    """Logits of source and converted checkpoint on text, image+text and video+text."""
+                      log=print, backend: Optional[str] = None) -> dict:
+    """Logits of source and converted checkpoint on text, image+text and video+text, on `backend`."""
     from megatron_vita.checkpoint.verify import CheckpointRef, verify_pair
 
     ref = CheckpointRef(src_format, src, model)
     cand = CheckpointRef(dst_format, dst, model)
-    summary = verify_pair(ref, cand, log=log)
+    summary = verify_pair(ref, cand, backend=backend, log=log)
     if not summary["passed"]:
         raise RuntimeError(f"verification failed: cosine={summary['cosine']:.6f} top1={summary['top1']:.2f}% "
                            "(need cosine >= 0.9999 and top-1 100% in fp32)")
@@ -350,5 +352,5 @@ def run(args: argparse.Namespace) -> int:
             megatron_format=args.megatron_format,
             names=args.names, dtype=args.dtype, force=args.force, verify=args.verify, model=args.model,
             tokenizer=args.tokenizer, iteration=args.iteration, max_shard_size=args.max_shard_size,
-            progress=not args.no_progress)
+            progress=not args.no_progress, backend=getattr(args, "backend", None))
     return 0
