@@ -152,18 +152,23 @@ def build_inputs(cfg, image: Optional[str] = None, video: Optional[str] = None, 
     return inputs
 
 
-def hf_logits(hf_dir: str, inputs: List[VerifyInput], dtype: str = "fp32") -> List["torch.Tensor"]:
+def hf_logits(hf_dir: str, inputs: List[VerifyInput], dtype: str = "fp32",
+              backend: Optional[str] = None) -> List["torch.Tensor"]:
     import torch
     from transformers import AutoModelForCausalLM
 
     import megatron_vita  # noqa: F401  (registers the Long-VITA Auto classes)
+    from megatron_vita.platform import placement
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch_dtype(dtype)).eval()
+    # The reference runs on the platform's device too (`backend` as the megatron side's ranks);
+    # its logits come back to the host.
+    device = placement.device(backend)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch_dtype(dtype)).eval().to(device)
     out = []
     with torch.no_grad():
         for inp in inputs:
-            images = None if inp.pixel_values is None else inp.pixel_values.to(model.dtype)
-            out.append(model(input_ids=inp.input_ids, images=images).logits.float())
+            images = None if inp.pixel_values is None else inp.pixel_values.to(device, model.dtype)
+            out.append(model(input_ids=inp.input_ids.to(device), images=images).logits.float().cpu())
     return out
 
 
@@ -230,7 +235,7 @@ def logits_of(ref: CheckpointRef, layout: Optional[ParallelConfig], cfg, inputs:
               backend: Optional[str] = None) -> Tuple[List["torch.Tensor"], str]:
     """Logits of every input on one side, run at `layout` (None: transformers); returns (logits, description)."""
     if layout is None:
-        return hf_logits(ref.path, inputs, dtype), ref.describe(None)
+        return hf_logits(ref.path, inputs, dtype, backend), ref.describe(None)
     from megatron_vita.inference.forward import megatron_logits
 
     results, how = megatron_logits(cfg, ref.kind, ref.path, layout, inputs, dtype, timeout, backend)

@@ -52,7 +52,8 @@ def megatron_logits_rank(rank: int, world: int, cfg_dict: Dict, weights: Tuple[s
         results = []
         for inp in inputs:
             logits = forward_only(chunks, [{"tokens": inp.input_ids, "pixel_values": inp.pixel_values}])
-            results.append(None if logits is None else logits[0][..., :cfg.language.vocab_size].float())
+            # Back on the host: the result is pickled to the parent, which may hold no device.
+            results.append(None if logits is None else logits[0][..., :cfg.language.vocab_size].float().cpu())
         keep = info.tp_rank == 0 and info.cp_rank == 0 and info.dp_rank == 0 and results[0] is not None
         return (results, how) if keep else None
     finally:
