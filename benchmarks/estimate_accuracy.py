@@ -23,6 +23,7 @@ buffers, the CPU kernels' scratch) stays in the measurement.
 
     python benchmarks/estimate_accuracy.py               # every configuration
     python benchmarks/estimate_accuracy.py --only seq8k-tp2-sp pp2-2mb
+    python benchmarks/estimate_accuracy.py --backend cuda   # peaks of device memory instead
 
 The whole run takes about 9.5 CPU-minutes (2 cores: under 10 minutes; it took 18 while other jobs
 shared the cores). Exit status 1 when an estimate is more than 15% off its measurement.
@@ -109,6 +110,28 @@ def _status(key: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
 
 
+def _memory(peak: bool = False) -> int:
+    """This rank's memory now (or its peak): the resident set on cpu, device memory on an accelerator."""
+    from megatron_vita import platform
+
+    plat = platform.current()
+    plat.synchronize()
+    if plat.name == "cpu":
+        return _status("VmHWM:" if peak else "VmRSS:")
+    return plat.memory_stats()["max_allocated" if peak else "allocated"]
+
+
+def _reset_peak() -> None:
+    from megatron_vita import platform
+
+    plat = platform.current()
+    if plat.name == "cpu":
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the peak restarts from the current resident set
+    else:
+        plat.reset_peak_memory()
+
+
 def microbatch(model_config, seq: int, frames: int, supervised: int, seed: int) -> Dict[str, "object"]:
     """A packed-sequence stand-in: text, `frames` video frames, text; the last `supervised` positions
     carry (pre-shifted) labels."""
@@ -147,7 +170,7 @@ def _train(case: Case, model_config, seq: int, frames: int, warm_seq: int, measu
                       recompute_method="uniform" if full else None, recompute_num_layers=1 if full else None,
                       freeze_vision=not case.train_vision)
     gc.collect()
-    base = _status("VmRSS:")
+    base = _memory()
     out = {"pp_rank": info.pp_rank}
     try:
         ddp, optimizer, _ = setup_model_and_optimizer(cfg, model_config, par)
@@ -156,16 +179,15 @@ def _train(case: Case, model_config, seq: int, frames: int, warm_seq: int, measu
         train_step(ddp, optimizer, warm)
         del warm
         gc.collect()
-        out["static"] = _status("VmRSS:") - base
+        out["static"] = _memory() - base
         if measure:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # the peak restarts from the current resident set
+            _reset_peak()
             micro = [microbatch(model_config, seq, frames, case.supervised, info.dp_rank * 100 + i)
                      for i in range(case.micro_batches)]
             t0 = time.perf_counter()
             train_step(ddp, optimizer, micro)
             out["seconds"] = time.perf_counter() - t0
-            out["peak"] = _status("VmHWM:") - base
+            out["peak"] = _memory(peak=True) - base
         del ddp, optimizer
     finally:
         destroy_parallel()
@@ -186,15 +208,17 @@ def _rank(rank: int, world: int, case: Case) -> Dict[str, int]:
     return _train(case, model_config, case.seq, case.frames, warm_seq, measure=True)
 
 
-def measure(case: Case) -> List[Dict[str, int]]:
+def measure(case: Case, backend: Optional[str] = "cpu") -> List[Dict[str, int]]:
     from cp_memory import spawn_measured  # a sibling script (benchmarks/ is on sys.path when run)
 
-    return spawn_measured(_rank, case.world, case, backend="cpu", timeout=900)
+    return spawn_measured(_rank, case.world, case, backend=backend, timeout=900)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", default=None, help="run only these configurations (by name)")
+    p.add_argument("--backend", default="cpu", help="cpu (default) | cuda | npu | auto: on an accelerator the "
+                   "peaks are its allocated memory (Platform.memory_stats) instead of the resident set")
     args = p.parse_args(argv)
     from megatron_vita.estimate import estimate
 
@@ -205,7 +229,7 @@ def main(argv=None) -> int:
     worst, t_start = 0.0, time.perf_counter()
     for case in cases:
         est = estimate(estimate_inputs(case))
-        ranks = measure(case)
+        ranks = measure(case, args.backend)
         for stage in est.stages:
             mine = [r for r in ranks if r["pp_rank"] == stage.pp_rank]
             peak = max(r["peak"] for r in mine)
