@@ -7,7 +7,17 @@ process-wide registry carries megatron-vita's own megatron-core fixes on every b
 (`megatron_vita.parallel.megatron_patches`), so `REGISTRY.entries()` lists everything that
 changed megatron-core, and why. Nothing here imports torch or megatron at import time.
 """
-from mindspeed_patches.adaptor import add_arguments, apply_for_npu, import_mindspeed, is_applied, remove_all
+from mindspeed_patches.adaptor import (
+    MindSpeedOverlapWarning,
+    add_arguments,
+    apply_for_npu,
+    import_mindspeed,
+    is_applied,
+    load_mindspeed,
+    mindspeed_patched,
+    notes,
+    remove_all,
+)
 from mindspeed_patches.features import FEATURES, Feature, FeatureArgumentError, FeatureManager
 from mindspeed_patches.registry import (
     EXPECTED_MEGATRON_CORE,
@@ -27,7 +37,8 @@ from mindspeed_patches.registry import (
 )
 
 __all__ = [
-    "add_arguments", "apply_for_npu", "import_mindspeed", "is_applied", "remove_all",
+    "MindSpeedOverlapWarning", "add_arguments", "apply_for_npu", "import_mindspeed", "is_applied",
+    "load_mindspeed", "mindspeed_patched", "notes", "remove_all",
     "FEATURES", "Feature", "FeatureArgumentError", "FeatureManager",
     "EXPECTED_MEGATRON_CORE", "REGISTRY", "MegatronVersionError", "MegatronVersionWarning",
     "PatchConflictError", "PatchEntry", "PatchError", "PatchRegistry", "PatchTargetError", "apply_patches",

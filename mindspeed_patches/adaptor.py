@@ -13,6 +13,21 @@ It then
 3. runs the feature manager over `FEATURES` (flags from `args`, else from `sys.argv`),
    registers the enabled features' patches and applies them.
 
+MindSpeed interop (`load_mindspeed`, which the platform calls BEFORE megatron-vita's own
+megatron-core fixes are applied): MindSpeed's adaptor goes first, ours after it, and no symbol
+is patched twice. What MindSpeed patched is read from its patch manager
+(`mindspeed.patch_utils.MindSpeedPatchesManager.patches_info`, keyed by dotted target) and
+declared foreign on the registry. Then
+  * a feature whose patches touch a symbol MindSpeed already patched is SKIPPED, with a note
+    (`notes()`, and a MindSpeedOverlapWarning): MindSpeed already put its kernel there, e.g.
+    its fused RMSNorm under --use-fused-rmsnorm; ours would be a second patch of the same symbol;
+  * one of megatron-vita's own megatron-core fixes on such a symbol FAILS, one line per symbol
+    (registry.PatchConflictError): the fix is needed for correctness and cannot be dropped, and
+    stacking it on MindSpeed's version is exactly the double patch this rules out;
+  * a MindSpeed whose adaptor does not import (the usual sign of a branch written for another
+    megatron-core: a megatron symbol it imports is missing) fails in one line naming the
+    error and the megatron-core versions.
+
 A second call is a no-op. `remove_all()` undoes everything this module applied (for tests).
 """
 from __future__ import annotations
@@ -21,20 +36,29 @@ import argparse
 import importlib
 import importlib.util
 import sys
-from typing import List, Optional, Sequence, Type
+import warnings
+from typing import Dict, List, Optional, Sequence, Type
 
 from mindspeed_patches.features import FEATURES, Feature, FeatureManager
 from mindspeed_patches.registry import (
     EXPECTED_MEGATRON_CORE,
     REGISTRY,
     PatchError,
+    PatchRegistry,
+    _describe,
     check_megatron_core_version,
     version_note,
 )
 
 MINDSPEED_ADAPTOR = "mindspeed.megatron_adaptor"
+MINDSPEED_PATCH_MANAGER = "mindspeed.patch_utils"
 
 _ENABLED: Optional[List[str]] = None  # feature names enabled by the one successful apply
+_NOTES: List[str] = []  # features skipped because MindSpeed patched their symbols first
+
+
+class MindSpeedOverlapWarning(UserWarning):
+    """A feature was skipped: MindSpeed's adaptor already patched the symbols it would patch."""
 
 
 def mindspeed_available() -> bool:
@@ -60,12 +84,45 @@ def import_mindspeed() -> None:
             f"branch that targets megatron-core {EXPECTED_MEGATRON_CORE}, or leave it uninstalled")
     try:
         importlib.import_module(MINDSPEED_ADAPTOR)
-    except ImportError as e:
-        # A MindSpeed branch written for another megatron-core fails here with a bare ImportError.
+    except Exception as e:
+        # A MindSpeed branch written for another megatron-core fails here with a bare ImportError
+        # (or an AttributeError from its own patcher) on a megatron symbol that moved.
+        first = (str(e).strip().splitlines() or [""])[0]
         raise PatchError(
-            f"mindspeed_patches: importing {MINDSPEED_ADAPTOR} failed ({type(e).__name__}: {e}); "
+            f"mindspeed_patches: importing {MINDSPEED_ADAPTOR} failed ({type(e).__name__}: {first}); "
             f"MindSpeed must be the branch for megatron-core {EXPECTED_MEGATRON_CORE} ({version_note()})"
         ) from e
+
+
+def mindspeed_patched() -> Dict[str, str]:
+    """Targets MindSpeed's patch manager holds (dotted name -> its patch), when MindSpeed is loaded."""
+    manager_module = sys.modules.get(MINDSPEED_PATCH_MANAGER)
+    manager = getattr(manager_module, "MindSpeedPatchesManager", None)
+    info = getattr(manager, "patches_info", None) or {}
+    out = {}
+    for target, patch in info.items():
+        if getattr(patch, "is_applied", True) is False:
+            continue
+        funcs = [getattr(patch, "patch_func", None), *(getattr(patch, "wrappers", None) or [])]
+        names = [_describe(f) for f in funcs if f is not None]
+        out[str(target)] = "MindSpeed" + (f" ({', '.join(names)})" if names else "")
+    return out
+
+
+def load_mindspeed(required: bool = False) -> bool:
+    """Import MindSpeed's adaptor (if installed, or `required`) and declare what it patched foreign
+    on the registry. Must run before megatron-vita's own megatron-core fixes are applied.
+    Returns whether MindSpeed is loaded."""
+    if not required and not mindspeed_available():
+        return False
+    import_mindspeed()
+    REGISTRY.declare_foreign(mindspeed_patched())
+    return True
+
+
+def notes() -> List[str]:
+    """One line per feature skipped because MindSpeed patched its symbols first."""
+    return list(_NOTES)
 
 
 def add_arguments(parser: argparse.ArgumentParser,
@@ -90,12 +147,31 @@ def apply_for_npu(args: Optional[argparse.Namespace] = None, *,
         return list(_ENABLED)
     check_megatron_core_version(strict_version)
     if use_mindspeed or (use_mindspeed is None and mindspeed_available()):
-        import_mindspeed()
+        load_mindspeed(required=True)
     manager = FeatureManager(FEATURES if features is None else features)
-    enabled = manager.run(REGISTRY, args=args, argv=sys.argv[1:] if args is None else ())
+    args = manager.complete_args(args) if args is not None else manager.parse(sys.argv[1:])
+    manager.validate(args)
+    enabled = [f.name for f in manager.enabled(args) if _register_unless_mindspeed_has(f, args)]
     REGISTRY.apply_patches()
     _ENABLED = enabled
     return list(enabled)
+
+
+def _register_unless_mindspeed_has(feature: Feature, args: argparse.Namespace) -> bool:
+    """Register `feature`'s patches, unless one of its targets is already MindSpeed's (then note it)."""
+    foreign = REGISTRY.foreign()
+    if foreign:
+        probe = PatchRegistry()  # registration is lazy: this only learns the targets
+        feature.register_patches(probe, args)
+        taken = [t for t in probe.registered() if t in foreign]
+        if taken:
+            note = (f"mindspeed_patches: {feature.flag} skipped: MindSpeed already patched "
+                    + "; ".join(f"{t} ({foreign[t]})" for t in taken))
+            _NOTES.append(note)
+            warnings.warn(note, MindSpeedOverlapWarning, stacklevel=3)
+            return False
+    feature.register_patches(REGISTRY, args)
+    return True
 
 
 def is_applied() -> bool:
@@ -112,3 +188,4 @@ def remove_all() -> None:
     global _ENABLED
     REGISTRY.clear()
     _ENABLED = None
+    _NOTES.clear()

@@ -196,6 +196,19 @@ class PatchRegistry:
     def __init__(self) -> None:
         self._patches: Dict[str, _Patch] = {}
         self._order: List[str] = []  # application order, for removal in reverse
+        self._foreign: Dict[str, str] = {}  # target -> who else patched it (MindSpeed), see declare_foreign
+
+    # -- other patchers -----------------------------------------------------------------
+
+    def declare_foreign(self, targets: Dict[str, str]) -> None:
+        """Record symbols another patcher (MindSpeed's own adaptor) already patched: target -> who.
+
+        Applying a patch of one of them fails (one line per target, before anything changes):
+        stacking on, or replacing, another patcher's work is how a symbol gets patched twice."""
+        self._foreign.update(targets)
+
+    def foreign(self) -> Dict[str, str]:
+        return dict(self._foreign)
 
     # -- registration -------------------------------------------------------------------
 
@@ -275,6 +288,10 @@ class PatchRegistry:
         half-way, the patches applied by this call are rolled back.
         """
         pending = [p for p in self._patches.values() if p.applied is None or p.stale]
+        twice = [f"mindspeed_patches: {p.target} is already patched by {self._foreign[p.target]}; megatron-vita "
+                 f"would patch it a second time ({self._why(p)})" for p in pending if p.target in self._foreign]
+        if twice:
+            raise PatchConflictError("\n".join(twice))
         missing = []
         for patch in pending:
             if patch.applied is None and not patch.create_dummy:
@@ -300,11 +317,18 @@ class PatchRegistry:
             self._remove_one(self._patches[target])
 
     def clear(self) -> None:
-        """Remove all patches and forget the registrations."""
+        """Remove all patches and forget the registrations (and the foreign targets)."""
         self.remove_patches()
         self._patches.clear()
+        self._foreign.clear()
 
     # -- internals ----------------------------------------------------------------------
+
+    @staticmethod
+    def _why(patch: _Patch) -> str:
+        names = [_describe(f) for f in ([patch.replacement] if patch.replacement else []) + patch.wrappers]
+        reason = next((r for r in patch.reasons.values() if r), "")
+        return ", ".join(names) + (f": {reason}" if reason else "")
 
     def _resolve(self, target: str, create: bool) -> Tuple[Any, str, List[str]]:
         """(owner, attribute name, dummy modules created) for `target`.

@@ -3,6 +3,7 @@
     from megatron_vita import platform
     plat = platform.activate("cpu")     # or None: --backend / $MEGATRON_VITA_BACKEND / auto
     plat.device(), plat.dist_backend, plat.memory_stats(), plat.synchronize()
+    platform.activate("npu", features=["use-fused-rmsnorm"])   # kernel flags: config.features
 """
 from megatron_vita.platform.backend import (
     BACKENDS,
@@ -14,8 +15,10 @@ from megatron_vita.platform.backend import (
     resolve_backend,
 )
 from megatron_vita.platform.distributed import DistributedRunError, init_distributed, spawn
+from megatron_vita.config.features import feature_problems, known_feature_names, torch_npu_emulation
 
 __all__ = [
     "BACKENDS", "ENV_VAR", "BackendUnavailableError", "Platform", "activate", "current", "resolve_backend",
-    "DistributedRunError", "init_distributed", "spawn",
+    "DistributedRunError", "init_distributed", "spawn", "feature_problems", "known_feature_names",
+    "torch_npu_emulation",
 ]

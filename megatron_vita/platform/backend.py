@@ -9,17 +9,23 @@ accelerator module (torch.cuda / torch.npu / a CPU stand-in), RNG state (the CPU
 accelerator's and megatron's tracker: seeding, checkpoints and resume go through it), memory
 statistics and synchronize. Model code asks it nothing: only this package, spec leaves and
 mindspeed_patches know which backend runs. `activate` also applies, once per process, every
-megatron-core patch of the backend (`megatron_vita.parallel.megatron_patches`).
+megatron-core patch of the backend (`megatron_vita.parallel.megatron_patches`), and the kernel
+features asked for (`features=`, MindSpeed's flag names; which backend allows which is
+`megatron_vita.config.features`): on npu, MindSpeed's own adaptor first when it is installed, then ours.
+A torch_npu that declares `IS_EMULATION = True` (the tests' emulation) is never an NPU: auto
+never selects it and `--backend npu` refuses it; it only lets the features run on the CPU.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import importlib
 import importlib.util
 import os
 import resource
 import sys
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -81,6 +87,7 @@ class Platform:
     name: str  # cpu | cuda | npu
     dist_backend: str  # gloo | nccl | hccl
     accelerator: Any  # torch.cuda, torch.npu or _CpuAccelerator
+    features: Tuple[str, ...] = ()  # kernel flags applied in this process ('use-flash-attn', ...)
 
     @property
     def device_type(self) -> str:
@@ -157,11 +164,16 @@ def _probe_npu() -> Optional[str]:
         return ("torch_npu is not installed. Install the torch_npu build that matches your torch and "
                 "CANN (`pip install megatron-vita[npu]`), then `source <CANN>/set_env.sh`.")
     try:
-        import torch_npu  # noqa: F401
+        import torch_npu
     except Exception as e:  # torch_npu raises many kinds of errors when CANN is missing
         return (f"torch_npu is installed but does not import ({type(e).__name__}: {e}). "
                 "Is the CANN toolkit environment loaded (`source <CANN>/set_env.sh`)?")
-    if not torch.npu.is_available() or torch.npu.device_count() == 0:
+    if getattr(torch_npu, "IS_EMULATION", False) is True:
+        return (f"the torch_npu that imports ({getattr(torch_npu, '__file__', '?')}) is the tests' emulation "
+                "of the torch_npu op contracts (IS_EMULATION = True), not an NPU runtime; with it the NPU "
+                "features run on --backend cpu")
+    npu = getattr(torch, "npu", None)
+    if npu is None or not npu.is_available() or npu.device_count() == 0:
         return "torch_npu imports but sees no NPU device (check ASCEND_RT_VISIBLE_DEVICES and npu-smi)."
     return None
 
@@ -196,36 +208,47 @@ def resolve_backend(requested: Optional[str] = None) -> str:
     return requested
 
 
-def activate(requested: Optional[str] = None, *, patch_megatron: bool = True) -> Platform:
+def activate(requested: Optional[str] = None, *, patch_megatron: bool = True, features: Sequence[str] = (),
+             mindspeed: Optional[bool] = None) -> Platform:
     """Select the backend and prepare torch/megatron for it. Idempotent within a process.
 
     `patch_megatron=False` skips the megatron-side work (megatron_patches, the CPU shim,
     mindspeed_patches) for processes that only run the Hugging Face model.
+    `features`: kernel flag names ('use-fused-rmsnorm', ...) to apply; refused with one line per
+    flag when the backend cannot run them (`config.features.feature_problems`). Once applied,
+    a process keeps them: a later call asking for other features fails.
+    `mindspeed`: import MindSpeed's adaptor before ours; None = on npu when it is installed,
+    True = require it (also on cpu: the interop tests use a stand-in), False = never.
     """
     global _ACTIVE
+    from megatron_vita.config.features import feature_problems, normalize
+
     name = resolve_backend(requested)
+    wanted = tuple(dict.fromkeys(normalize(f) for f in features))
+    problems = feature_problems(name, wanted)
+    if problems:
+        raise BackendUnavailableError("\n".join(problems))
     if _ACTIVE is not None:
         if _ACTIVE.name != name:
             raise BackendUnavailableError(f"backend already active as '{_ACTIVE.name}'; cannot switch to '{name}'")
-        if patch_megatron:
-            _patch_megatron(name)
-        return _ACTIVE
-    if name == "npu":
+    elif name == "npu":
         # Import order matters: torch_npu, then transfer_to_npu (rewrites torch.cuda -> torch.npu).
         importlib.import_module("torch_npu")
         importlib.import_module("torch_npu.contrib.transfer_to_npu")
-        plat = Platform("npu", "hccl", torch.npu)
+        _ACTIVE = Platform("npu", "hccl", torch.npu)
     elif name == "cuda":
-        plat = Platform("cuda", "nccl", torch.cuda)
+        _ACTIVE = Platform("cuda", "nccl", torch.cuda)
     else:
-        plat = Platform("cpu", "gloo", _CpuAccelerator())
-    _ACTIVE = plat
+        _ACTIVE = Platform("cpu", "gloo", _CpuAccelerator())
     # megatron's tensor-parallel layers overlap grad all-reduce with compute only when the
     # device runs one kernel queue; it checks this variable (MindSpeed sets it too).
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     if patch_megatron:
-        _patch_megatron(name)
-    return plat
+        _patch_megatron(name, mindspeed)
+        _ACTIVE = _apply_features(_ACTIVE, wanted)
+    elif wanted:
+        raise BackendUnavailableError("kernel features need patch_megatron=True (they patch the megatron model)")
+    return _ACTIVE
 
 
 _PATCHED = set()
@@ -244,22 +267,48 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*Please use DTensor instead and we are deprecating ShardedTensor.*")
 
 
-def _patch_megatron(name: str) -> None:
+def _patch_megatron(name: str, mindspeed: Optional[bool]) -> None:
+    """Once per process: MindSpeed's adaptor (when used), megatron-vita's megatron-core fixes, the
+    CPU shim on cpu. MindSpeed goes first because it must patch megatron before anything imports
+    from it; ours come after and never patch a symbol it patched (mindspeed_patches.adaptor says
+    what happens on an overlap)."""
     if name in _PATCHED:
         return
     _quiet_known_warnings()
+    import mindspeed_patches
     from megatron_vita.parallel import megatron_patches
 
+    if mindspeed or (mindspeed is None and name == "npu"):
+        mindspeed_patches.load_mindspeed(required=bool(mindspeed))
     megatron_patches.apply(name)
     if name == "cpu":
         from megatron_vita.platform import cpu_shim
 
         cpu_shim.install()
-    elif name == "npu":
-        import mindspeed_patches
-
-        mindspeed_patches.apply_for_npu()
     _PATCHED.add(name)
+
+
+def _apply_features(plat: Platform, wanted: Tuple[str, ...]) -> Platform:
+    """Apply the kernel features once per process; the platform records them.
+
+    The NPU features go through mindspeed_patches (on cpu only against the emulation, which
+    activate checked); the CUDA ones are leaf choices that models.common.leaves reads from
+    `Platform.features`. Features cannot change once a process applied some (or, on npu, none:
+    the NPU adapter runs at the first activate, features or not)."""
+    import mindspeed_patches
+
+    adapter_due = plat.name == "npu" and not mindspeed_patches.is_applied()
+    if not adapter_due and (not wanted or set(wanted) == set(plat.features)):
+        return plat
+    if plat.features or (plat.name != "cuda" and mindspeed_patches.is_applied()):
+        applied = ", ".join(plat.features) or "none"
+        raise BackendUnavailableError(
+            f"kernel features are applied once per process (applied: {applied}); cannot apply "
+            f"{', '.join(wanted)} now: pass them to the first platform.activate of the process")
+    if plat.name != "cuda":
+        mindspeed_patches.apply_for_npu(argparse.Namespace(**{f.replace("-", "_"): True for f in wanted}),
+                                        use_mindspeed=False)
+    return dataclasses.replace(plat, features=wanted)
 
 
 def current() -> Platform:

@@ -22,7 +22,7 @@ import sys
 import time
 import traceback
 from datetime import timedelta
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -73,14 +73,14 @@ def _die_with_parent() -> None:
             pass
 
 
-def _worker(rank, world_size, port, backend, threads, fn, args, queue):
+def _worker(rank, world_size, port, backend, threads, fn, args, queue, features=()):
     _die_with_parent()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(threads)
     try:
         store = dist.TCPStore("127.0.0.1", port, world_size, False, timedelta(minutes=10))
-        init_distributed(activate(backend), timeout_minutes=10, store=store)
+        init_distributed(activate(backend, features=features), timeout_minutes=10, store=store)
         # Serialised here, so that a result torch.save cannot write is this rank's reported error.
         result = _to_bytes(fn(rank, world_size, *args))
         dist.barrier()
@@ -109,21 +109,33 @@ class DistributedRunError(RuntimeError):
 
 
 def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 600,
-          backend: Optional[str] = None, threads: int = 1) -> List[Any]:
+          backend: Optional[str] = None, threads: int = 1, features: Sequence[str] = ()) -> List[Any]:
     """Run `fn(rank, world_size, *args)` on `world_size` local ranks; return results by rank.
 
     `fn` and `args` must be picklable (module-level function); results must be savable by
     `torch.save`, and their tensors come back on the CPU. Raises DistributedRunError with
     every failing rank's traceback, or when `timeout` seconds pass (all ranks are killed).
+    `features`: kernel flag names every rank's `platform.activate` applies; a backend that
+    cannot run them is refused here (ConfigError, one line per flag) before any rank starts.
     """
     import torch.multiprocessing as mp
+
+    from megatron_vita.platform.backend import resolve_backend
+    from megatron_vita.config.features import feature_problems, normalize
+
+    features = tuple(dict.fromkeys(normalize(f) for f in features))
+    problems = feature_problems(resolve_backend(backend), features)
+    if problems:
+        from megatron_vita.config.parallel import ConfigError
+
+        raise ConfigError(problems)
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     server = rendezvous_server()  # held by the launcher until every rank is gone
     port = server.port
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, threads, fn, args, q), daemon=False)
-             for r in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, threads, fn, args, q, features),
+                         daemon=False) for r in range(world_size)]
     for p in procs:
         p.start()
     results, errors = {}, {}
