@@ -7,7 +7,9 @@ process groups) the built Long-VITA chunk, with the ViT, projector, LLM and head
 parameter and buffer on it, and so must the micro-batches the training step and the forward
 pass prepare (tokens, labels, masks, pixels, image indices, position ids, packed boundaries and
 the PackedSeqParams handed to the model). On the old code the chunk was built on the CPU with
-`use_cpu_initialization=True` and batches went to the model as the loader made them.
+`use_cpu_initialization=True` and batches went to the model as the loader made them. The same
+rank checks that megatron's on-device initialisation (the accelerators' default, run here on the
+CPU) is reproducible: two fresh builds with one seed are equal.
 
 In the pytest process: `to_device` walks nested batches (dicts, lists, named tuples,
 dataclasses), moves every tensor, leaves other values alone, and on the host returns the very
@@ -34,6 +36,21 @@ def _packed(cfg):
     return batch
 
 
+def _device_init_reproducible(cfg, par):
+    """Megatron's on-device initialisation (what an accelerator uses), run here on the CPU: the
+    same seed gives the same weights (the generator and the RNG tracker are seeded before the build)."""
+    from megatron_vita.models.long_vita.builder import BuildOptions, build_model_chunks
+    from megatron_vita.parallel.state import initialize_parallel
+
+    states = []
+    for _ in range(2):
+        initialize_parallel(par, seed=5)
+        (chunk,) = build_model_chunks(cfg, par, BuildOptions(use_cpu_initialization=False))
+        assert chunk.config.use_cpu_initialization is False
+        states.append({k: v.clone() for k, v in chunk.state_dict().items() if isinstance(v, torch.Tensor)})
+    return len(states[0]) > 20 and all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
 def _placement_rank(rank, world):
     from megatron_vita.config import ModelConfig, ParallelConfig
     from megatron_vita.models.long_vita.builder import build_model_chunks
@@ -43,13 +60,14 @@ def _placement_rank(rank, world):
 
     cfg = ModelConfig.from_name("tiny")
     par = ParallelConfig()
+    out = {"reproducible": _device_init_reproducible(cfg, par)}
     initialize_parallel(par, seed=1)
     Platform.device = lambda self, local_rank=None: META  # this rank's platform now answers meta
     try:
         chunks = build_model_chunks(cfg, par)
-        out = {"chunk": [p for c in chunks for p in placement.tensors_off(c, META)],
-               "n_tensors": sum(1 for c in chunks for _ in list(c.parameters()) + list(c.buffers())),
-               "use_cpu_initialization": chunks[0].config.use_cpu_initialization}
+        out.update(chunk=[p for c in chunks for p in placement.tensors_off(c, META)])
+        out.update(n_tensors=sum(1 for c in chunks for _ in list(c.parameters()) + list(c.buffers())),
+                   use_cpu_initialization=chunks[0].config.use_cpu_initialization)
         micro = multimodal_batch(cfg, kinds=("image3", "video2"), seq_len=40) + [_packed(cfg)]
         prepared = prepare_microbatches(chunks, micro)
         out["batch"] = placement.tensors_off(prepared, META)
@@ -68,6 +86,7 @@ def test_model_and_prepared_batches_land_on_the_platform_device():
     assert r["chunk"] == [], f"left behind: {r['chunk'][:8]}"
     # Off the host megatron initialises on the device itself, as Megatron-LM does by default.
     assert r["use_cpu_initialization"] is False
+    assert r["reproducible"], "two fresh on-device initialisations with one seed differ"
     assert r["packed"] and r["kept"]
     assert r["batch"] == [], f"batch tensors left behind: {r['batch'][:8]}"
     assert r["inputs"] == [], f"model inputs left behind: {r['inputs'][:8]}"
