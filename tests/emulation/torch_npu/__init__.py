@@ -10,10 +10,22 @@ results, never NPU results.
 Put `tests/emulation` on `sys.path` / PYTHONPATH to make `import torch_npu` find it.
 `IS_EMULATION = True` is what megatron_vita.platform reads: auto-detection never selects the
 npu backend for it, and the NPU features may then be applied on `--backend cpu`.
+
+Shared by the op submodules: `ContractError`, what a broken contract raises (a RuntimeError, as
+torch_npu's own argument checks are), and `CALLS`, how often each op was called in this process,
+so a test can prove that a patched code path really reached the op.
 """
+import collections
 import importlib
 
 IS_EMULATION = True
+
+
+class ContractError(RuntimeError):
+    """A call that breaks the documented contract of a torch_npu op (it would fail on an NPU)."""
+
+
+CALLS: "collections.Counter[str]" = collections.Counter()
 
 # op name -> the submodule that emulates it
 _OPS = {
@@ -31,4 +43,4 @@ def __getattr__(name):
     return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
 
-__all__ = ["IS_EMULATION", *_OPS]
+__all__ = ["IS_EMULATION", "ContractError", "CALLS", *_OPS]
