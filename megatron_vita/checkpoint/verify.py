@@ -26,11 +26,12 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from megatron_vita.config.dtypes import DTYPES, torch_dtype
+from megatron_vita.config.features import add_feature_arguments, enabled_features
 from megatron_vita.config.parallel import ConfigError, ParallelConfig
 
 if TYPE_CHECKING:  # torch is imported inside functions: `--help` stays fast
@@ -231,15 +232,18 @@ class CheckpointRef:
 
 
 def logits_of(ref: CheckpointRef, layout: Optional[ParallelConfig], cfg, inputs: List[VerifyInput],
-              dtype: str = "fp32", timeout: float = 900,
-              backend: Optional[str] = None) -> Tuple[List["torch.Tensor"], str]:
-    """Logits of every input on one side, run at `layout` (None: transformers); returns (logits, description)."""
+              dtype: str = "fp32", timeout: float = 900, backend: Optional[str] = None,
+              features: Sequence[str] = ()) -> Tuple[List["torch.Tensor"], str]:
+    """Logits of every input on one side, run at `layout` (None: transformers); returns (logits, description).
+    `features`: kernel flags the megatron-core ranks apply (transformers never gets them)."""
     if layout is None:
         return hf_logits(ref.path, inputs, dtype, backend), ref.describe(None)
     from megatron_vita.inference.forward import megatron_logits
 
-    results, how = megatron_logits(cfg, ref.kind, ref.path, layout, inputs, dtype, timeout, backend)
-    return results, f"{ref.describe(layout)} ({how})"
+    results, how = megatron_logits(cfg, ref.kind, ref.path, layout, inputs, dtype, timeout, backend,
+                                   features=features)
+    kernels = f", kernels: {', '.join('--' + f for f in features)}" if features else ""
+    return results, f"{ref.describe(layout)} ({how}{kernels})"
 
 
 def compare(reference: "torch.Tensor", candidate: "torch.Tensor") -> Dict[str, float]:
@@ -257,24 +261,38 @@ def compare(reference: "torch.Tensor", candidate: "torch.Tensor") -> Dict[str, f
     }
 
 
-def run_problems(cfg, run: Optional[ParallelConfig], seq_length: Optional[int]) -> List[str]:
+def run_problems(cfg, run: Optional[ParallelConfig], seq_length: Optional[int], features: Sequence[str] = (),
+                 backend: Optional[str] = None) -> List[str]:
     """Every reason the inputs or a side's megatron-core layout cannot run, one line each naming the flag.
 
-    The layout gets ParallelConfig's checks for its TP*PP*CP ranks. No sequence-length rule of
-    context parallelism applies: forward_only pads each input to the CP multiple itself."""
+    The layout gets ParallelConfig's checks for its TP*PP*CP ranks; kernel flags, whether the
+    backend can run them. No sequence-length rule of context parallelism applies: forward_only
+    pads each input to the CP multiple itself."""
     errs = []
     if seq_length is not None and seq_length < 1:
         errs.append(f"--seq-length must be >= 1 (got {seq_length})")
     if run is not None:
         errs += run.problems(cfg, max(run.model_parallel_size, 1))
+    if features:
+        from megatron_vita.config.features import feature_problems
+        from megatron_vita.platform import resolve_backend
+
+        errs += feature_problems(resolve_backend(backend), features)
+        if run is None:
+            errs.append(f"{' '.join('--' + f for f in features)}: the kernel flags apply to megatron-core, "
+                        "but the candidate runs transformers (--candidate-hf)")
     return errs
 
 
 def verify_pair(reference: CheckpointRef, candidate: CheckpointRef, image: Optional[str] = None,
                 video: Optional[str] = None, dtype: str = "fp32", seed: int = 0, max_tiles: int = 12,
                 max_frames: int = 8, timeout: float = 900, backend: Optional[str] = None, log=print,
-                seq_length: Optional[int] = None) -> Dict[str, float]:
-    """Compare the logits of two checkpoints; returns the summary (min cosine, max |diff|, top-1 %, passed)."""
+                seq_length: Optional[int] = None, features: Sequence[str] = ()) -> Dict[str, float]:
+    """Compare the logits of two checkpoints; returns the summary (min cosine, max |diff|, top-1 %, passed).
+
+    `features`: kernel flags (MindSpeed's names, e.g. 'use-fused-rmsnorm') the candidate's
+    megatron-core ranks apply; the reference runs without them, so the patched model is checked
+    against the unpatched reference."""
     from megatron_vita.checkpoint.sources import config_differences
 
     cfg = reference.config()
@@ -285,7 +303,7 @@ def verify_pair(reference: CheckpointRef, candidate: CheckpointRef, image: Optio
     if diffs:
         raise ValueError(f"{reference.path} and {candidate.path} describe different models: " + "; ".join(diffs))
     ref_run, cand_run = reference.resolved_layout(), candidate.resolved_layout()
-    errs = run_problems(cfg, cand_run, seq_length)  # a bad layout fails before the reference runs
+    errs = run_problems(cfg, cand_run, seq_length, features, backend)  # fails before the reference runs
     if errs:
         raise ConfigError(errs)
     inputs = build_inputs(cfg, image, video, seed, max_tiles, max_frames, seq_length)
@@ -293,7 +311,7 @@ def verify_pair(reference: CheckpointRef, candidate: CheckpointRef, image: Optio
         log(f"verify: input {inp.name}: {inp.input_ids.shape[1]} tokens" + (f", {inp.media}" if inp.media else ""))
     ref_logits, ref_desc = logits_of(reference, ref_run, cfg, inputs, dtype, timeout, backend)
     log(f"verify: reference done ({ref_desc}); running {candidate.describe(cand_run)}")
-    cand_logits, cand_desc = logits_of(candidate, cand_run, cfg, inputs, dtype, timeout, backend)
+    cand_logits, cand_desc = logits_of(candidate, cand_run, cfg, inputs, dtype, timeout, backend, features)
     log(f"verify: candidate done ({cand_desc})")
     stats = []
     for inp, ref, cand in zip(inputs, ref_logits, cand_logits):
@@ -386,6 +404,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-frames", type=int, default=8, help="frames sampled from --video")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random text tokens")
     parser.add_argument("--timeout", type=float, default=900, help="seconds before the spawned ranks are killed")
+    # MindSpeed's kernel flags (--use-flash-attn, --use-fused-rmsnorm, ...) for the candidate's ranks.
+    add_feature_arguments(parser)
 
 
 def _layout_flags(args) -> Dict:
@@ -425,5 +445,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise ValueError("--reference-megatron needs a candidate: --megatron DIR or --candidate-hf DIR")
     summary = verify_pair(reference, candidate, args.image, args.video, args.dtype, args.seed, args.max_tiles,
-                          args.max_frames, args.timeout, args.backend, seq_length=args.seq_length)
+                          args.max_frames, args.timeout, args.backend, seq_length=args.seq_length,
+                          features=enabled_features(args))
     return 0 if summary["passed"] else 1

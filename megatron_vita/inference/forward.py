@@ -61,14 +61,15 @@ def megatron_logits_rank(rank: int, world: int, cfg_dict: Dict, weights: Tuple[s
 
 
 def megatron_logits(cfg: "ModelConfig", kind: str, path: str, par: ParallelConfig, inputs: Sequence[Any],
-                    dtype: str = "fp32", timeout: float = 900,
-                    backend: Optional[str] = None) -> Tuple[List["torch.Tensor"], str]:
+                    dtype: str = "fp32", timeout: float = 900, backend: Optional[str] = None,
+                    features: Sequence[str] = ()) -> Tuple[List["torch.Tensor"], str]:
     """Logits of every input from megatron-core at layout `par` (TP*PP*CP ranks), loaded from
-    checkpoint `path` of `kind`; returns (logits, how the weights were loaded)."""
+    checkpoint `path` of `kind`; returns (logits, how the weights were loaded). `features`:
+    kernel flags every rank applies (platform.spawn refuses ones the backend cannot run)."""
     from megatron_vita import platform
 
     world = par.model_parallel_size
     par.validate(cfg, world)  # a bad layout is one error here, not a traceback from every rank
     per_rank = platform.spawn(megatron_logits_rank, world, cfg.to_dict(), (kind, path), par, list(inputs), dtype,
-                              timeout=timeout, backend=backend)
+                              timeout=timeout, backend=backend, features=features)
     return next(r for r in per_rank if r is not None)

@@ -3,9 +3,11 @@
 Under torchrun (RANK/WORLD_SIZE set) every launched process trains as one rank. Otherwise the
 command spawns `--nproc-per-node` local ranks itself (default TP*PP*CP, i.e. DP=1), which is
 what the CPU demo and laptops use; a rank that fails stops the whole run with its traceback.
-Either way the whole configuration is checked first (training.preflight), so a bad flag, path
-or checkpoint is one line per problem before any rank starts, and `--export-hf` is written
-after the last save (under torchrun by rank 0, once every rank left the process group).
+Every rank applies the config's kernel flags (`--use-flash-attn`, ...: TrainConfig.features)
+through platform.activate. Either way the whole configuration is checked first
+(training.preflight), so a bad flag, path or checkpoint is one line per problem before any rank
+starts, and `--export-hf` is written after the last save (under torchrun by rank 0, once every
+rank left the process group).
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ def build_config(args: argparse.Namespace, world_size: Optional[int] = None) -> 
     cfg.stage, cfg.data_root = stage, data_root
     if cfg.optim.lr is None:
         raise ValueError(f"no learning rate: pass --lr, set training.lr in {recipe.path}, or pick --stage 1-4")
-    preflight.check(cfg, recipe, preflight.launch_world_size(cfg) if world_size is None else world_size)
+    preflight.check(cfg, recipe, preflight.launch_world_size(cfg) if world_size is None else world_size,
+                    getattr(args, "backend", None))
     return cfg
 
 
@@ -51,11 +54,11 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = build_config(args)
     if under_torchrun():
-        platform.init_distributed(platform.activate(args.backend))
+        platform.init_distributed(platform.activate(args.backend, features=cfg.features))
         train(cfg)
         finish_torchrun(cfg)
         return 0
-    platform.spawn(rank_main, cfg.world_size, cfg, timeout=math.inf, backend=args.backend)
+    platform.spawn(rank_main, cfg.world_size, cfg, timeout=math.inf, backend=args.backend, features=cfg.features)
     if cfg.export_hf:
         export_hf(cfg)
     return 0

@@ -5,10 +5,12 @@ same table builds the argparse parser and validates a recipe's `training:` mappi
 the flag names, with - or _), so a recipe can set anything a flag can. Precedence: command-line
 flag > recipe `training:` > the stage's defaults (Long-VITA's recipe) > the built-in default.
 
-The table is derived from the dataclasses: every TrainConfig field is a flag, except the two
+The table is derived from the dataclasses: every TrainConfig field is a flag, except the three
 members that group options for their users, whose fields become flags through one mapping each:
-`parallel` (a ParallelConfig: `PARALLEL_FLAGS` maps Megatron's flag names to its fields) and
-`optim` (an OptimConfig: its fields are the flags' names). `TrainConfig.from_flags` builds a
+`parallel` (a ParallelConfig: `PARALLEL_FLAGS` maps Megatron's flag names to its fields),
+`optim` (an OptimConfig: its fields are the flags' names) and `features` (the kernel flags
+switched on, MindSpeed's names: `--use-flash-attn`, `--use-fused-rmsnorm`, ... one boolean flag
+per name of `config.features.known_feature_names()`; every rank's platform.activate applies them). `TrainConfig.from_flags` builds a
 config from flag names, `TrainConfig.flag` reads one back, and `to_namespace` gives the flat
 Megatron `args` stored in checkpoints.
 """
@@ -16,8 +18,9 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
+from megatron_vita.config.features import add_feature_arguments, known_feature_names
 from megatron_vita.config.parallel import ParallelConfig
 
 
@@ -84,6 +87,8 @@ class TrainConfig:
     recompute_granularity: Optional[str] = None
     recompute_method: Optional[str] = None
     recompute_num_layers: Optional[int] = None
+    # Kernel flags switched on (flags: one per name, see the module docstring)
+    features: Tuple[str, ...] = ()
     # Checkpoints
     save: Optional[str] = None
     load: Optional[str] = None
@@ -110,17 +115,21 @@ class TrainConfig:
     def from_flags(cls, **values: Any) -> "TrainConfig":
         """A config from option values keyed by flag name (tensor_model_parallel_size, lr, ...)."""
         own: Dict[str, Any] = {}
-        members: Dict[str, Dict[str, Any]] = {"parallel": {}, "optim": {}}
+        members: Dict[str, Dict[str, Any]] = {"parallel": {}, "optim": {}, "features": {}}
         for name, value in values.items():
             if name not in FLAGS:
                 raise TypeError(f"unknown training option '{name}'")
             flag = FLAGS[name]
             (members[flag.member] if flag.member else own)[flag.attr] = value
-        return cls(**own, parallel=ParallelConfig(**members["parallel"]), optim=OptimConfig(**members["optim"]))
+        features = tuple(f for f in known_feature_names() if members["features"].get(f))
+        return cls(**own, parallel=ParallelConfig(**members["parallel"]), optim=OptimConfig(**members["optim"]),
+                   features=features)
 
     def flag(self, name: str) -> Any:
         """The value of the option with this flag name."""
         flag = FLAGS[name]
+        if flag.member == "features":
+            return flag.attr in self.features
         return getattr(getattr(self, flag.member) if flag.member else self, flag.attr)
 
     @property
@@ -150,6 +159,10 @@ def _flag_table() -> Dict[str, Flag]:
         elif f.name == "optim":
             for name, g in member_fields["optim"].items():
                 table[name] = Flag(name, "optim", name, str(g.type))
+        elif f.name == "features":
+            for feature in known_feature_names():
+                name = feature.replace("-", "_")
+                table[name] = Flag(name, "features", feature, "bool")
         else:
             table[f.name] = Flag(f.name, None, f.name, str(f.type))
     return table
@@ -218,6 +231,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     types = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float,
              "Optional[str]": str}
     for f in FLAGS.values():
+        if f.member == "features":
+            continue  # added below by the features themselves (their help, any options of their own)
         help_text = HELP.get(f.name, "")
         names = [_flag(f.name), *ALIASES.get(f.name, [])]
         if f.name in BOOL_FLAGS:
@@ -225,6 +240,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             parser.add_argument(*names, dest=f.name, type=types[f.type], default=None,
                                 required=f.name == "recipe", help=help_text or None)
+    add_feature_arguments(parser)
 
 
 def _coerce(name: str, value: Any, where: str) -> Any:
@@ -255,8 +271,10 @@ def merge(cli: argparse.Namespace, recipe_training: Dict[str, Any], recipe_path:
         values[name] = _coerce(name, value, f"{recipe_path}:{line}" if line else recipe_path)
     for name, value in stage_defaults.items():
         values.setdefault(name, value)
-    for name in FLAGS:
+    for name, flag in FLAGS.items():
         flag_value = getattr(cli, name, None)
+        if flag.member == "features" and flag_value is False:
+            continue  # a kernel flag not given on the command line (its parser default) leaves the recipe's
         if flag_value is not None:
             values[name] = flag_value
     return TrainConfig.from_flags(**{k: v for k, v in values.items() if v is not None})

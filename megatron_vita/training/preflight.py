@@ -4,6 +4,9 @@
 torchrun process before it joins the process group. It collects every problem it can see from
 the launcher, and raises one ConfigError listing them, one line each naming the flag or file:
 
+- the kernel flags (`--use-flash-attn`, `--use-fused-rmsnorm`, ...) against the backend
+  (config.features: on cpu only against the tests' torch_npu emulation, on cuda only the
+  flash-attn one, with flash_attn importable);
 - flag values: iterations, batch sizes (and how the global batch splits over data-parallel
   ranks), learning rates and optimizer constants, recompute settings, the sequence length (the
   bound a recipe's `seq_length` obeys);
@@ -395,9 +398,19 @@ def data_problems(cfg: TrainConfig, recipe, tokenizer, model_config) -> List[str
     return []
 
 
-def check(cfg: TrainConfig, recipe, world_size: int) -> None:
+def feature_problems(cfg: TrainConfig, backend: Optional[str] = None) -> List[str]:
+    """The kernel flags this backend cannot run (default backend: --backend / $MEGATRON_VITA_BACKEND / auto)."""
+    if not cfg.features:
+        return []
+    from megatron_vita.config.features import feature_problems as problems_on
+    from megatron_vita.platform import resolve_backend
+
+    return problems_on(resolve_backend(backend), cfg.features)
+
+
+def check(cfg: TrainConfig, recipe, world_size: int, backend: Optional[str] = None) -> None:
     """Raise ConfigError naming every problem of this run's configuration (one line each)."""
-    problems = number_problems(cfg) + combination_problems(cfg) + path_problems(cfg) + \
-        model_problems(cfg, recipe, world_size)
+    problems = number_problems(cfg) + combination_problems(cfg) + feature_problems(cfg, backend) + \
+        path_problems(cfg) + model_problems(cfg, recipe, world_size)
     if problems:
         raise ConfigError(problems)
