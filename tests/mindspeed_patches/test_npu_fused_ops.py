@@ -15,6 +15,8 @@ Nothing here ran on an NPU. Two parts:
    image + text batch and on packed documents (thd, one of 1 token), at TP 1 and TP 2, in one
    spawn of 2 gloo ranks. The emulation counts its calls, so the patched runs are shown to
    reach every op (and the unpatched ones none): the test cannot pass by patching nothing.
+   The same ranks then run the patched model in bf16 at TP 2 with sequence parallelism, where
+   the dtype rules of the contracts bite (no ContractError, finite logits and gradients).
 """
 import os
 import subprocess
@@ -222,7 +224,7 @@ def _run(rank, world, hf_dir):
     from megatron_vita.checkpoint.hf_format import HFSource
     from megatron_vita.checkpoint.model_io import load_hf_weights
     from megatron_vita.config import ModelConfig, ParallelConfig
-    from megatron_vita.models.long_vita.builder import build_model_chunks
+    from megatron_vita.models.long_vita.builder import BuildOptions, build_model_chunks
     from megatron_vita.parallel.state import parallel_layout
 
     assert torch_npu.IS_EMULATION is True
@@ -258,6 +260,19 @@ def _run(rank, world, hf_dir):
                         params=sorted(grads) == sorted(ref_grads) and len(grads),
                         grads={p: float((g - ref_grads[p]).norm() / ref_grads[p].norm().clamp(min=1e-12))
                                for p, g in grads.items() if p in ref_grads})
+    # NPUs train in bf16: there the glue must meet the dtype rules too (gamma, cos / sin in x's
+    # dtype), also under sequence parallelism, where the norms see [s/tp, b, h].
+    par = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True)
+    with parallel_layout(par):
+        model = build_model_chunks(cfg, par, BuildOptions(params_dtype=torch.bfloat16))[0]
+        load_hf_weights([model], HFSource(hf_dir), cfg, par)
+        for name, batch in batches.items():
+            batch = {k: v.bfloat16() if k == "pixel_values" else v for k, v in batch.items()}
+            calls = dict(torch_npu.CALLS)
+            logits, grads = _logits_and_grads(model, batch)
+            out[f"bf16_tp2_sp_{name}"] = dict(
+                calls={op: torch_npu.CALLS[op] - calls.get(op, 0) for op in OPS}, dtype=str(logits.dtype),
+                finite=bool(torch.isfinite(logits).all()) and all(bool(torch.isfinite(g).all()) for g in grads.values()))
     return out
 
 
@@ -279,6 +294,10 @@ def test_patched_model_equals_unpatched_logits_and_every_gradient(npu, tiny_hf_d
                 failures.append(f"rank {rank} {key}: logits relative max diff {r['logits']:.2e}")
             failures += [f"rank {rank} {key} grad {p}: relative error {e:.2e}"
                          for p, e in r["grads"].items() if not e <= TOLERANCE]
+        for key in ("bf16_tp2_sp_dense", "bf16_tp2_sp_packed"):
+            r = report[key]
+            assert r["dtype"] == "torch.bfloat16" and r["finite"], (rank, key, r)
+            assert all(r["calls"][op] > 0 for op in OPS), (rank, key, r["calls"])
         # the packed run hands RoPE one call per document (and the padding segment) for q and k
         assert report["tp1_packed"]["calls"]["npu_rotary_mul"] > report["tp1_dense"]["calls"]["npu_rotary_mul"]
     assert not failures, "\n".join(failures[:40])
