@@ -3,8 +3,10 @@
 megatron-core's own torch norm (WrappedTorchNorm) refuses sequence parallelism: with SP each
 tensor-parallel rank normalises a different slice of the sequence, so the norm weights' grads
 must be summed over the TP group. megatron's finalize_model_grads does that for parameters
-tagged `sequence_parallel = True`; these leaves tag their parameters from the config. The NPU
-adapter swaps RMSNorm.forward for npu_rms_norm; model code only ever names these classes.
+tagged `sequence_parallel = True`; these leaves tag their parameters from the config. Model code
+only ever names these classes. On the NPU, `--use-fused-rmsnorm` (mindspeed_patches/features/
+rms_norm.py) replaces RMSNorm.forward with torch_npu.npu_rms_norm, so every instance takes the
+kernel, the LLM's final norm included; its fp32 math equals `forward` here bit for bit.
 """
 from __future__ import annotations
 
