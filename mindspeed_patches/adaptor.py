@@ -165,8 +165,8 @@ def _register_unless_mindspeed_has(feature: Feature, args: argparse.Namespace) -
         feature.register_patches(probe, args)
         taken = [t for t in probe.registered() if t in foreign]
         if taken:
-            note = (f"mindspeed_patches: {feature.flag} skipped: MindSpeed already patched "
-                    + "; ".join(f"{t} ({foreign[t]})" for t in taken))
+            note = (f"mindspeed_patches: {feature.flag} skipped: MindSpeed already patched {', '.join(taken)} "
+                    "(its kernel is in place; patching it again would stack two patches on one symbol)")
             _NOTES.append(note)
             warnings.warn(note, MindSpeedOverlapWarning, stacklevel=3)
             return False
