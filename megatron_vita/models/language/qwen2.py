@@ -91,9 +91,13 @@ def qwen2_layer_spec(core_attention=CoreAttention, norm=RMSNorm) -> ModuleSpec:
 
 
 def qwen2_block_spec(config: TransformerConfig, layer_spec: Optional[ModuleSpec] = None,
-                     norm=RMSNorm) -> TransformerBlockSubmodules:
-    """This pipeline chunk's layers plus the final norm (megatron reads the chunk from global state)."""
-    spec = layer_spec or qwen2_layer_spec(norm=norm)
+                     norm=None) -> TransformerBlockSubmodules:
+    """This pipeline chunk's layers plus the final norm (megatron reads the chunk from global state).
+
+    The final norm is the layers' norm leaf unless `norm` is given, so a norm chosen by
+    `select_leaves` (a fused kernel's class) reaches the last one too."""
+    spec = layer_spec or qwen2_layer_spec(norm=norm or RMSNorm)
+    norm = norm or spec.submodules.input_layernorm
     return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=norm)
 
 
