@@ -32,9 +32,11 @@ EXTRAS = {
     # (the PyPI name is a placeholder): install it from source at the branch that targets
     # megatron-core 0.12.1, see README "NPU install".
     "npu": ["torch_npu"],
-    # Optional fused kernels on Nvidia GPUs. Never `pip install apex` (an unrelated PyPI project):
-    # build NVIDIA/apex from source if wanted.
-    "gpu": ["transformer-engine[pytorch]"],
+    # Optional fused kernels on Nvidia GPUs: flash-attn >= 2.1 backs the attention leaf under
+    # --use-flash-attn (2.1 aligned causal masks bottom-right, what KV-cache decoding needs); it
+    # builds against the installed CUDA torch (pip install --no-build-isolation). Never
+    # `pip install apex` (an unrelated PyPI project): build NVIDIA/apex from source if wanted.
+    "gpu": ["flash-attn>=2.1", "transformer-engine[pytorch]"],
     "train": ["tensorboard>=2.14"],
     "test": ["pytest>=8", "pytest-timeout>=2.2", "av>=12", "tensorboard>=2.14"],
 }

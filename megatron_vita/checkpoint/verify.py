@@ -262,7 +262,7 @@ def compare(reference: "torch.Tensor", candidate: "torch.Tensor") -> Dict[str, f
 
 
 def run_problems(cfg, run: Optional[ParallelConfig], seq_length: Optional[int], features: Sequence[str] = (),
-                 backend: Optional[str] = None) -> List[str]:
+                 backend: Optional[str] = None, dtype: Optional[str] = None) -> List[str]:
     """Every reason the inputs or a side's megatron-core layout cannot run, one line each naming the flag.
 
     The layout gets ParallelConfig's checks for its TP*PP*CP ranks; kernel flags, whether the
@@ -277,7 +277,7 @@ def run_problems(cfg, run: Optional[ParallelConfig], seq_length: Optional[int], 
         from megatron_vita.config.features import feature_problems
         from megatron_vita.platform import resolve_backend
 
-        errs += feature_problems(resolve_backend(backend), features)
+        errs += feature_problems(resolve_backend(backend), features, dtype)
         if run is None:
             errs.append(f"{' '.join('--' + f for f in features)}: the kernel flags apply to megatron-core, "
                         "but the candidate runs transformers (--candidate-hf)")
@@ -303,7 +303,7 @@ def verify_pair(reference: CheckpointRef, candidate: CheckpointRef, image: Optio
     if diffs:
         raise ValueError(f"{reference.path} and {candidate.path} describe different models: " + "; ".join(diffs))
     ref_run, cand_run = reference.resolved_layout(), candidate.resolved_layout()
-    errs = run_problems(cfg, cand_run, seq_length, features, backend)  # fails before the reference runs
+    errs = run_problems(cfg, cand_run, seq_length, features, backend, dtype)  # fails before the reference runs
     if errs:
         raise ConfigError(errs)
     inputs = build_inputs(cfg, image, video, seed, max_tiles, max_frames, seq_length)

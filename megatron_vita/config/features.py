@@ -72,8 +72,9 @@ def module_importable(name: str) -> Optional[str]:
     return None
 
 
-def feature_problems(backend: str, features: Iterable[str]) -> List[str]:
-    """Why each requested flag cannot run on `backend`, one line each naming the flag."""
+def feature_problems(backend: str, features: Iterable[str], dtype: Optional[str] = None) -> List[str]:
+    """Why each requested flag cannot run on `backend`, one line each naming the flag.
+    `dtype`: the compute dtype (fp32 / bf16 / fp16) when known: flash-attn has no fp32 kernel."""
     requested = list(dict.fromkeys(normalize(f) for f in features))
     if not requested:
         return []
@@ -96,6 +97,9 @@ def feature_problems(backend: str, features: Iterable[str]) -> List[str]:
                 why = module_importable(module)
                 if why:
                     out.append(f"{flag} on --backend cuda needs {requirement}: {why}")
+                elif name == "use-flash-attn" and dtype == "fp32":
+                    out.append(f"{flag} on --backend cuda computes in fp16/bf16 (flash-attn has no fp32 "
+                               "kernel): train with --bf16, verify with --dtype bf16")
         elif backend == "cpu":
             if name not in npu_names:
                 out.append(f"{flag}: a CUDA kernel flag; it does nothing on --backend cpu (drop it)")

@@ -405,7 +405,7 @@ def feature_problems(cfg: TrainConfig, backend: Optional[str] = None) -> List[st
     from megatron_vita.config.features import feature_problems as problems_on
     from megatron_vita.platform import resolve_backend
 
-    return problems_on(resolve_backend(backend), cfg.features)
+    return problems_on(resolve_backend(backend), cfg.features, "bf16" if cfg.bf16 else "fp32")
 
 
 def check(cfg: TrainConfig, recipe, world_size: int, backend: Optional[str] = None) -> None:
