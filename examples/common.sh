@@ -10,7 +10,7 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-6000}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-export CUDA_DEVICE_MAX_CONNECTIONS=1  # megatron overlaps TP communication only with one queue
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # megatron overlaps TP communication only with one queue
 
 launch() {  # launch STAGE NPROC_PER_NODE [extra flags...]
   local stage=$1 nproc=$2

@@ -13,7 +13,7 @@ CP=${CP:-8}
 CP_ALGO=${CP_ALGO:-ring}
 INIT_FLAGS=$(previous_stage_flags 4)  # an assignment, so a missing HF_INIT stops the script
 # shellcheck disable=SC2086
-launch 4 "$NPROC" --backend "$BACKEND" $INIT_FLAGS \
+launch 4 "$NPROC" --backend "$BACKEND" $KERNEL_FLAGS $INIT_FLAGS \
   --tensor-model-parallel-size "$TP" --sequence-parallel \
   --context-parallel-size "$CP" --context-parallel-algo "$CP_ALGO" \
   --recompute-granularity full --recompute-method uniform --recompute-num-layers 1 ${EXTRA_ARGS:-}

@@ -6,4 +6,4 @@ source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 INIT_FLAGS=$(previous_stage_flags 1)  # an assignment, so a missing HF_INIT stops the script
 # shellcheck disable=SC2086
-launch 1 "$NPROC" --backend "$BACKEND" $INIT_FLAGS ${EXTRA_ARGS:-}
+launch 1 "$NPROC" --backend "$BACKEND" $KERNEL_FLAGS $INIT_FLAGS ${EXTRA_ARGS:-}

@@ -12,5 +12,5 @@ CP=${CP:-2}            # the recipe's context-parallel-size
 CP_ALGO=${CP_ALGO:-ring}
 INIT_FLAGS=$(previous_stage_flags 3)  # an assignment, so a missing HF_INIT stops the script
 # shellcheck disable=SC2086
-launch 3 "$NPROC" --backend "$BACKEND" $INIT_FLAGS \
+launch 3 "$NPROC" --backend "$BACKEND" $KERNEL_FLAGS $INIT_FLAGS \
   --context-parallel-size "$CP" --context-parallel-algo "$CP_ALGO" ${EXTRA_ARGS:-}
