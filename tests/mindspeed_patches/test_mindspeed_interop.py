@@ -83,7 +83,7 @@ MindSpeedPatchesManager.apply_patches()
 '''
 
 ADAPTOR_OTHER_CORE = '''
-from megatron.core.transformer.moe.fused_a2a_for_core_r0_99 import fused_dispatch  # absent in 0.12.1
+from megatron.core_r0_99.transformer.moe.fused_a2a import fused_dispatch  # a layout 0.12.1 does not have
 '''
 
 # Scenario 1: the whole start-up (platform.activate) with every NPU feature and the stand-in,
@@ -219,7 +219,7 @@ def test_mindspeed_for_another_megatron_core_fails_in_one_line(tmp_path, monkeyp
         mindspeed_patches.load_mindspeed(required=True)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("mindspeed_patches: importing mindspeed.megatron_adaptor failed "
-                                              "(ModuleNotFoundError: No module named 'megatron.core.transformer.moe.")
+                                              "(ModuleNotFoundError: No module named 'megatron.core_r0_99')")
     assert "megatron-core 0.12.1" in msg
     assert mindspeed_patches.REGISTRY.foreign() == {}
     for name in [m for m in sys.modules if m == "mindspeed" or m.startswith("mindspeed.")]:
