@@ -83,6 +83,9 @@ class TrainConfig:
     seed: int = 1234
     bf16: bool = False
     no_logits_mask: bool = False
+    # Megatron-LM's flag: initialise parameters on the host, then move them (the CPU backend's
+    # TP-independent init on any device); default: directly on the device, as Megatron-LM does
+    use_cpu_initialization: bool = False
     # Memory
     recompute_granularity: Optional[str] = None
     recompute_method: Optional[str] = None
@@ -198,6 +201,8 @@ HELP: Dict[str, str] = {
     "vision_lr_mult": "ViT learning-rate multiplier (stage 2: 0.1)",
     "vision_layer_decay": "ViT layer-wise LR decay d: layer l gets d^(L+1-l) (stage 2: 0.9)",
     "no_logits_mask": "compute full logits in training instead of the logits-masked head",
+    "use_cpu_initialization": "initialise parameters on the host and move them to the device (the same weights as "
+                              "the CPU backend for a seed, at any TP); default: directly on the device",
     "save": "checkpoint directory (iter_XXXXXXX/ + latest_checkpointed_iteration.txt); one that already holds "
             "another run's checkpoints needs --load on it (to continue) or --override-save",
     "load": "resume from this checkpoint directory (model, optimizer, scheduler, RNG, data order, consumed samples)",

@@ -50,7 +50,8 @@ def setup_model_and_optimizer(cfg: TrainConfig, model_config: ModelConfig, par: 
     chunks = build_model_chunks(model_config, par, BuildOptions(
         params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
         recompute_granularity=cfg.recompute_granularity, recompute_method=cfg.recompute_method,
-        recompute_num_layers=cfg.recompute_num_layers, logits_mask=not cfg.no_logits_mask))
+        recompute_num_layers=cfg.recompute_num_layers, logits_mask=not cfg.no_logits_mask,
+        use_cpu_initialization=cfg.use_cpu_initialization or None))
     if cfg.init_hf:
         load_hf_weights(chunks, HFSource(cfg.init_hf, model_config), model_config, par)
     elif cfg.init_llm or cfg.init_vit:
