@@ -95,7 +95,11 @@ class NPUCoreAttention(CoreAttention):
         if mask_type == AttnMaskType.causal:
             kw = causal_kwargs(query.device, sq, sk)
         elif mask_type in (AttnMaskType.padding, AttnMaskType.arbitrary) and attention_mask is not None:
-            kw = dict(atten_mask=attention_mask.bool(), sparse_mode=0)
+            # megatron's masks broadcast ([b, 1, 1, sk] for padding); the kernel takes B1SS / BNSS
+            mask = attention_mask.bool()
+            if mask.dim() == 4:
+                mask = mask.expand(b, mask.shape[1], sq, sk)
+            kw = dict(atten_mask=mask, sparse_mode=0)
         out = torch_npu.npu_fusion_attention(
             query.reshape(sq, b, hq * d), key.reshape(sk, b, -1), value.reshape(sk, b, -1), hq, "SBH",
             scale=self.softmax_scale, keep_prob=self._keep_prob(), **kw)[0]

@@ -11,7 +11,7 @@ step (megatron's main_grad), rank by rank, for
   ring_cp2  ring context parallelism over both ranks, the packed row pre-padded for CP and the
             dense one (each ring step's block through the kernel, merged from softmax_max / sum);
 and, at the attention-leaf level, KV-cache decoding (queries fewer than keys, sbhd and thd)
-against the last rows of the full sequence. The emulation's call counter proves the patched
+against the last rows of the full sequence, and megatron's broadcast padding mask. The emulation's call counter proves the patched
 path ran in each case (a patched model that silently kept the torch leaves would fail).
 """
 import os
@@ -92,7 +92,8 @@ def _run_case(cfg, hf_dir, layout, batches):
 
 def _decode(core_cls):
     """KV-cache decoding at the leaf: (the last 3 queries vs all keys, the full sequence) outputs and
-    the gradients of a loss on the last 3 rows, sbhd and thd (documents of 4 and 6 keys, 1 and 2 queries)."""
+    the gradients of a loss on the last 3 rows, sbhd and thd (documents of 4 and 6 keys, 1 and 2
+    queries); and sbhd with megatron's broadcast padding mask."""
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -107,6 +108,10 @@ def _decode(core_cls):
     for name, query in (("sbhd_decode", q[-3:]), ("sbhd_full", q)):
         o = core(query, k, v, None)[-3:]
         out[name] = (o.detach(), *torch.autograd.grad((o * w).sum(), (q, k, v)))
+    padding = torch.zeros(2, 1, 1, 9, dtype=torch.bool)
+    padding[0, ..., 6:] = True  # row 0's last 3 keys are padding (megatron's broadcast [b, 1, 1, sk] mask)
+    o = core(q, k, v, padding, attn_mask_type=AttnMaskType.padding)
+    out["sbhd_padding"] = (o.detach(), *torch.autograd.grad((o[-3:] * w).sum(), (q, k, v)))
     q, k, v = (torch.randn(10, h, 8, generator=gen).requires_grad_() for h in (4, 2, 2))
     last = [3, 8, 9]  # the last query of document 0 (keys 0-3), the last two of document 1 (keys 4-9)
     w = torch.randn(3, 32, generator=gen)
@@ -198,16 +203,16 @@ def test_npu_patched_model_equals_unpatched(tiny_hf_dir):
                 if _rel(g, ref["grads"][pname]) > TOLERANCE:
                     failures.append(f"rank {rank} {name} grad {pname}: {_rel(g, ref['grads'][pname]):.2e}")
             assert any("vision_model" in p and float(g.norm()) > 0 for p, g in got["grads"].items())
-        for name in ("sbhd", "thd"):
-            for what, a, b in zip(("out", "dq", "dk", "dv"), run["got_decode"][f"{name}_decode"],
-                                  run["ref_decode"][f"{name}_full"]):
+        for got, ref in (("sbhd_decode", "sbhd_full"), ("thd_decode", "thd_full"), ("sbhd_padding", "sbhd_padding")):
+            for what, a, b in zip(("out", "dq", "dk", "dv"), run["got_decode"][got], run["ref_decode"][ref]):
                 if _rel(a, b) > TOLERANCE:
-                    failures.append(f"rank {rank} {name} decode {what}: {_rel(a, b):.2e}")
+                    failures.append(f"rank {rank} leaf {got} {what}: {_rel(a, b):.2e}")
+    assert not failures, "\n".join(failures[:40])
+    for run in runs:
         calls = run["calls"]
         # which kernel calls each case made: proof that the NPU path, in the expected form, ran
         # dense: the LLM as SBH causal, the ViT as SBH unmasked; packed: the LLM as TND
         assert set(calls["cp1"]) == {("SBH", 2), ("SBH", 0), ("TND", 3)}, calls["cp1"]
         # ring: diagonal blocks causal, the others unmasked, all BNSD; the ViT (never split) as SBH
         assert set(calls["ring_cp2"]) == {("BNSD", 2), ("BNSD", 0), ("SBH", 0)}, calls["ring_cp2"]
-        assert calls["decode"] == {("SBH", 3): 1, ("SBH", 2): 1, ("TND", 3): 2}, calls["decode"]
-    assert not failures, "\n".join(failures[:40])
+        assert calls["decode"] == {("SBH", 3): 1, ("SBH", 2): 1, ("SBH", 0): 1, ("TND", 3): 2}, calls["decode"]
