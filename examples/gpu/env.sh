@@ -1,8 +1,8 @@
 # Nvidia GPU cluster settings for examples/gpu/stageN.sh. Each variable keeps the value it already
 # has in the environment; only unset ones get these defaults.
 export NCCL_IB_DISABLE=${NCCL_IB_DISABLE:-0}
-export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-eth0}
-export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-eth0}
+# NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME (the NIC that reaches the other nodes) are left to the
+# cluster: a wrong default breaks multi-node start-up, an unset one lets NCCL / gloo choose.
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # megatron's TP overlap needs one queue
 BACKEND=cuda
 NPROC=${NPROC_PER_NODE:-8}

@@ -9,8 +9,8 @@ export HCCL_CONNECT_TIMEOUT=${HCCL_CONNECT_TIMEOUT:-1800}   # seconds to build t
 export HCCL_EXEC_TIMEOUT=${HCCL_EXEC_TIMEOUT:-1800}         # seconds a collective may take
 export HCCL_BUFFSIZE=${HCCL_BUFFSIZE:-200}                  # MB of HCCL buffer per link
 export HCCL_IF_BASE_PORT=${HCCL_IF_BASE_PORT:-64000}
-export HCCL_SOCKET_IFNAME=${HCCL_SOCKET_IFNAME:-eth0}
-export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-eth0}
+# HCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME (the NIC that reaches the other nodes, e.g. enp189s0f0)
+# are left to the cluster: a wrong default breaks multi-node start-up, an unset one lets HCCL choose.
 export PYTORCH_NPU_ALLOC_CONF=${PYTORCH_NPU_ALLOC_CONF:-expandable_segments:True}
 export TASK_QUEUE_ENABLE=${TASK_QUEUE_ENABLE:-2}            # torch_npu's two-level task queue
 export CPU_AFFINITY_CONF=${CPU_AFFINITY_CONF:-1}            # bind each rank's threads to its NPU's cores
