@@ -38,7 +38,13 @@ EXTRAS = {
     # `pip install apex` (an unrelated PyPI project): build NVIDIA/apex from source if wanted.
     "gpu": ["flash-attn>=2.1", "transformer-engine[pytorch]"],
     "train": ["tensorboard>=2.14"],
-    "test": ["pytest>=8", "pytest-timeout>=2.2", "av>=12", "tensorboard>=2.14"],
+    # `megatron-vita serve`: an OpenAI-compatible server on Starlette/FastAPI under uvicorn.
+    "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
+    # `megatron-vita eval`: Video-MME ships its annotations as parquet.
+    "eval": ["pyarrow>=14"],
+    # The server is tested with the official `openai` client over loopback.
+    "test": ["pytest>=8", "pytest-timeout>=2.2", "av>=12", "tensorboard>=2.14",
+             "fastapi>=0.110", "uvicorn>=0.29", "openai>=1.30", "pyarrow>=14"],
 }
 
 setup(
