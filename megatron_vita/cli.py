@@ -23,6 +23,7 @@ COMMANDS = {
     "data": ("megatron_vita.data.cli", "inspect stage recipes, make the synthetic demo dataset"),
     "train": ("megatron_vita.training.cli", "train a Long-VITA stage (Megatron-style flags, YAML recipes)"),
     "estimate": ("megatron_vita.estimate.cli", "per-device memory of a training layout (weights, optimizer, activations)"),
+    "infer": ("megatron_vita.inference.cli", "answer a question about images / videos / text (HF or Megatron checkpoint)"),
     "eval": ("megatron_vita.evaluation.cli", "evaluate on Video-MME / MVBench / LongVideoBench as released (resumable)"),
     "demo": ("megatron_vita.demo", "the CPU demo: data, stage 1+2 at TP=2, HF export, held-out accuracy"),
 }
