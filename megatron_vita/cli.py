@@ -25,6 +25,7 @@ COMMANDS = {
     "estimate": ("megatron_vita.estimate.cli", "per-device memory of a training layout (weights, optimizer, activations)"),
     "infer": ("megatron_vita.inference.cli", "answer a question about images / videos / text (HF or Megatron checkpoint)"),
     "eval": ("megatron_vita.evaluation.cli", "evaluate on Video-MME / MVBench / LongVideoBench as released (resumable)"),
+    "serve": ("megatron_vita.serve.cli", "OpenAI-compatible HTTP server (chat completions, SSE, PUT /api) over a model"),
     "demo": ("megatron_vita.demo", "the CPU demo: data, stage 1+2 at TP=2, HF export, held-out accuracy"),
 }
 
