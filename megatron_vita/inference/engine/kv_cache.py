@@ -1,0 +1,209 @@
+"""The generation engine's KV cache: one per language layer and rank, kept in the attention leaf.
+
+Owns what the core-attention slot of every LLM layer does while a request is generated. The
+engine wraps each layer's leaf (CoreAttention, ContextParallelAttention, a backend's fused
+class) in `CachedAttention`; with no step planned it is the plain leaf (training-style forward),
+with one it keeps this rank's keys / values (after RoPE, as SelfAttention hands them over) and
+attends over them. What a forward does is one `Step` shared by all layers:
+
+  local   CP 1. The step's keys are appended; the leaf attends the queries over the whole cache,
+          its causal mask aligned bottom-right (queries are the last positions), so one-shot
+          prefill, chunked prefill and decoding are the same call of the backend's own kernel.
+  ring    CP > 1, first prefill chunk (the cache is empty): the leaf's ring / Ulysses attention
+          over the chunk as in training; afterwards each rank keeps the keys of the tokens it
+          holds (the load-balanced chunks), padding excluded.
+  gather  CP > 1, a later prefill chunk (split over CP like the first): the chunk's queries are
+          all-gathered (bounded by the chunk), every rank attends all of them over ITS cache
+          (causal by true positions), the partial (out, lse) are all-gathered and merged with
+          the online-softmax rule; each rank keeps its own queries' rows.
+  decode  CP > 1, new tokens replicated on every CP rank: each rank attends them over its local
+          cache, one designated rank also keeps (and attends) their keys, and the partials are
+          all-gathered and merged. No rank ever holds another rank's keys.
+The partial attention is `parallel.context.blocks.attention_forward_` (fp32 accumulators, tiled,
+GQA without repeating K/V), the merge its `merge_`: the arithmetic of ring attention.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core.transformer.enums import AttnMaskType
+
+from megatron_vita.parallel.context.blocks import Segment, attention_forward_, merge_, new_accumulator
+
+MODES = ("local", "ring", "gather", "decode")
+
+
+class LayerKV:
+    """One layer's keys and values on this rank: [n, b, hkv, d] each, with their true positions."""
+
+    def __init__(self):
+        self.k = self.v = self.pos = None
+        self.n = 0
+
+    def reset(self) -> None:
+        self.n = 0
+
+    def reserve(self, like: torch.Tensor, capacity: int) -> None:
+        """Room for `capacity` tokens shaped like `like` [s, b, hkv, d]; what is cached is kept."""
+        shape = (capacity,) + tuple(like.shape[1:])
+        same = self.k is not None and self.k.shape[1:] == shape[1:] and self.k.dtype == like.dtype
+        if same and self.k.shape[0] >= capacity:
+            return
+        old = (self.k, self.v, self.pos) if same else None
+        self.k, self.v = like.new_empty(shape), like.new_empty(shape)
+        self.pos = torch.empty(capacity, dtype=torch.long, device=like.device)
+        if old is None:
+            self.n = 0
+        else:
+            for new, prev in zip((self.k, self.v, self.pos), old):
+                new[:self.n] = prev[:self.n]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        s = k.shape[0]
+        if self.k is None or self.n + s > self.k.shape[0]:
+            self.reserve(k, max(2 * (self.n + s), 16))  # grow geometrically past the reservation
+        self.k[self.n:self.n + s] = k
+        self.v[self.n:self.n + s] = v
+        self.pos[self.n:self.n + s] = pos
+        self.n += s
+
+    def view(self):
+        return self.k[:self.n], self.v[:self.n], self.pos[:self.n]
+
+
+@dataclass
+class Step:
+    """What the next forward does (see the module docstring). `positions` [s_local]: true positions
+    of this rank's tokens; `keep` [s_local] bool: whose keys this rank stores (None: all)."""
+
+    mode: str
+    positions: torch.Tensor
+    keep: Optional[torch.Tensor] = None
+    group: Optional[dist.ProcessGroup] = None  # the CP group (gather / decode)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"KV-cache step mode {self.mode!r}: one of {', '.join(MODES)}")
+
+
+class KVCache:
+    """The caches of every LLM layer on this rank and the step they all follow."""
+
+    def __init__(self):
+        self.layers: Dict[int, LayerKV] = {}
+        self.step: Optional[Step] = None
+        self.reserved = 0
+
+    def layer(self, key: int) -> LayerKV:
+        return self.layers.setdefault(key, LayerKV())
+
+    def reset(self, reserve: int = 0) -> None:
+        """Empty every layer (a new request); `reserve`: tokens each layer will hold on this rank."""
+        for kv in self.layers.values():
+            kv.reset()
+        self.reserved = reserve
+        self.step = None
+
+    def release(self) -> None:
+        """Free every buffer (reset only empties them, keeping their room for the next request)."""
+        self.layers.clear()
+        self.step = None
+
+    def tokens(self) -> int:
+        """Tokens cached on this rank (equal in every layer)."""
+        return max((kv.n for kv in self.layers.values()), default=0)
+
+
+class CachedAttention(torch.nn.Module):
+    """The LLM core-attention slot with the cache: `inner` is the leaf it wraps (and calls)."""
+
+    def __init__(self, inner: torch.nn.Module, cache: KVCache, key: int):
+        super().__init__()
+        self.inner = inner
+        self.cache = cache
+        self.key = key
+        self.scale = inner.softmax_scale
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        step = self.cache.step
+        if step is None:
+            return self.inner(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                              attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("KV-cache attention takes one unpacked sequence without attention bias")
+        kv = self.cache.layer(self.key)
+        if kv.k is None or kv.n == 0:
+            kv.reserve(key, max(self.cache.reserved, key.shape[0]))
+        if step.mode == "ring":
+            out = self.inner(query, key, value, None, attn_mask_type=AttnMaskType.causal)
+            self._store(kv, key, value, step)
+            return out
+        self._store(kv, key, value, step)
+        k, v, kpos = kv.view()
+        if step.mode == "local":
+            # Queries are the last positions of the cache: the leaf aligns its causal mask bottom-right.
+            return self.inner(query, k, v, None, attn_mask_type=AttnMaskType.causal)
+        return self._merged(query, k, v, kpos, step)
+
+    @staticmethod
+    def _store(kv: LayerKV, key, value, step: Step) -> None:
+        if step.keep is None:
+            kv.append(key, value, step.positions)
+        elif bool(step.keep.any()):
+            kv.append(key[step.keep], value[step.keep], step.positions[step.keep])
+
+    def _merged(self, query, k, v, kpos, step: Step) -> torch.Tensor:
+        """Partial attention over this rank's cache, merged over the CP group (gather / decode)."""
+        group = step.group
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        s = query.shape[0]
+        if step.mode == "gather":
+            queries = [torch.empty_like(query) for _ in range(size)]
+            dist.all_gather(queries, query.contiguous(), group=group)
+            positions = [torch.empty_like(step.positions) for _ in range(size)]
+            dist.all_gather(positions, step.positions.contiguous(), group=group)
+            q_all, qpos = torch.cat(queries), torch.cat(positions)
+            # One segment per source rank: positions increase inside each (layout.py's order).
+            segments = [Segment(j * s, (j + 1) * s, 0, k.shape[0], causal=True) for j in range(size)]
+        else:
+            q_all, qpos = query, step.positions
+            # A decoded token follows every cached key: no mask (and no positions to compare).
+            segments = [Segment(0, s, 0, k.shape[0], causal=s > 1)]
+        q = q_all.permute(1, 2, 0, 3)  # [b, hq, sq, d]
+        out, lse = new_accumulator(q)
+        if k.shape[0]:
+            attention_forward_(out, lse, q, k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), segments, self.scale,
+                               qpos, kpos)
+        outs = [torch.empty_like(out) for _ in range(size)]
+        lses = [torch.empty_like(lse) for _ in range(size)]
+        dist.all_gather(outs, out, group=group)
+        dist.all_gather(lses, lse, group=group)
+        total, total_lse = new_accumulator(q)
+        for o, l in zip(outs, lses):  # every rank merges in the same order: identical results
+            merge_(total, total_lse, o, l)
+        if step.mode == "gather":
+            total = total[:, :, rank * s:(rank + 1) * s]
+        total = total.to(query.dtype).permute(2, 0, 1, 3)  # [s, b, hq, d]
+        return total.reshape(total.shape[0], total.shape[1], -1)
+
+
+def install(chunks) -> KVCache:
+    """Wrap the core attention of every LLM layer of this rank's chunks; returns their shared cache."""
+    cache = KVCache()
+    for chunk in chunks:
+        for layer in language_layers(chunk):
+            attn = layer.self_attention
+            if not isinstance(attn.core_attention, CachedAttention):
+                attn.core_attention = CachedAttention(attn.core_attention, cache, layer.layer_number)
+    return cache
+
+
+def language_layers(chunk) -> List[torch.nn.Module]:
+    module = chunk
+    while not hasattr(module, "language_model") and hasattr(module, "module"):
+        module = module.module
+    return list(module.language_model.decoder.layers)
