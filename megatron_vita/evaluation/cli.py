@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 DEFAULT_NFRAME = 4096  # Long-VITA's MAX_NUM_FRAME default; its published sweep used 64 .. 1024
 
@@ -96,28 +96,40 @@ def model_kind(path: str) -> str:
     return "megatron"
 
 
-def open_generator(args):
-    """The Generator for --model_path (imported lazily: the HF path never imports megatron-core)."""
-    from megatron_vita.config.features import enabled_features
+def open_generator(model_path: str, *, tp: int = 1, pp: int = 1, cp: int = 1, tokenizer: Optional[str] = None,
+                   dtype: str = "fp32", backend: Optional[str] = None, features: Sequence[str] = (),
+                   prefill_chunk: Optional[int] = None):
+    """The Generator for a model directory: transformers for an HF directory, the megatron-core
+    engine on TP x PP x CP ranks for a Megatron checkpoint. Imported lazily, so the HF path never
+    imports megatron-core. Shared by `eval` and the lmms-eval / VLMEvalKit adapters."""
+    from megatron_vita.platform import resolve_backend
 
-    kind = model_kind(args.model_path)
-    layout = {k: getattr(args, k) for k in ("tp", "pp", "cp") if getattr(args, k) not in (None, 1)}
+    backend = resolve_backend(backend)
+    kind = model_kind(model_path)
     if kind == "hf":
+        layout = [f"--{k} {v}" for k, v in (("tp", tp), ("pp", pp), ("cp", cp)) if v not in (None, 1)]
         if layout:
-            raise ValueError(f"--{next(iter(layout))} sets megatron-core ranks, but --model_path "
-                             f"{args.model_path} is an HF directory run by transformers; convert it to a Megatron "
-                             "checkpoint (megatron-vita convert) to evaluate it on several ranks")
+            raise ValueError(f"{layout[0]} sets megatron-core ranks, but --model_path {model_path} is an HF "
+                             "directory run by transformers; convert it to a Megatron checkpoint (megatron-vita "
+                             "convert) to evaluate it on several ranks")
         from megatron_vita.inference.hf_generator import HFGenerator
 
-        return HFGenerator(args.model_path, dtype=args.dtype, backend=args.backend)
+        return HFGenerator(model_path, backend=backend, dtype=dtype, tokenizer=tokenizer)
     from megatron_vita.config.parallel import ParallelConfig
     from megatron_vita.inference.engine import MegatronGenerator
 
-    par = ParallelConfig(tensor_model_parallel_size=args.tp or 1, pipeline_model_parallel_size=args.pp or 1,
-                         context_parallel_size=args.cp or 1)
-    return MegatronGenerator(args.model_path, par, tokenizer=args.tokenizer, backend=args.backend,
-                             features=tuple(enabled_features(args)), prefill_chunk=args.prefill_chunk,
-                             dtype=args.dtype)
+    par = ParallelConfig(tensor_model_parallel_size=tp or 1, pipeline_model_parallel_size=pp or 1,
+                         context_parallel_size=cp or 1)
+    return MegatronGenerator(model_path, par, tokenizer=tokenizer, backend=backend, features=tuple(features),
+                             prefill_chunk=prefill_chunk, dtype=dtype)
+
+
+def _generator_from_args(args):
+    from megatron_vita.config.features import enabled_features
+
+    return open_generator(args.model_path, tp=args.tp or 1, pp=args.pp or 1, cp=args.cp or 1,
+                          tokenizer=args.tokenizer, dtype=args.dtype, backend=getattr(args, "backend", None),
+                          features=enabled_features(args), prefill_chunk=args.prefill_chunk)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -145,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
 
     def factory():
         nonlocal generator
-        generator = open_generator(args)
+        generator = _generator_from_args(args)
         return generator
 
     try:

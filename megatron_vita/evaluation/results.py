@@ -108,12 +108,13 @@ def ask(q: Question, generator, benchmark: str, nframe: int, max_new_tokens: int
 
 def run_questions(questions: List[Question], generator_factory: Callable[[], object], results: ResultsFile,
                   benchmark: str, nframe: int, max_new_tokens: int, max_seq_len: Optional[int],
-                  log: TextIO = sys.stderr) -> Dict[str, dict]:
+                  log: Optional[TextIO] = None) -> Dict[str, dict]:
     """Ask every question not yet done; returns the records of `questions` by id.
 
     The generator is built only when something is left to ask (a finished run re-scores
     without loading the model).
     """
+    log = log or sys.stderr  # looked up per call: the process may have redirected it since import
     records = results.load()
     todo = [q for q in questions if not is_done(records.get(q.question_id))]
     done = len(questions) - len(todo)
@@ -135,7 +136,9 @@ def run_questions(questions: List[Question], generator_factory: Callable[[], obj
 
 
 def summarize(questions: Iterable[Question], records: Dict[str, dict], group_keys, benchmark: str) -> Dict:
-    summary = score(((q.groups, records[q.question_id]) for q in questions), group_keys)
+    # Scored against the annotations as they are now (a corrected answer key re-scores a finished
+    # run without asking the model again); the prediction is the recorded one.
+    summary = score(((q.groups, {**records[q.question_id], "answer": q.answer}) for q in questions), group_keys)
     summary["benchmark"] = benchmark
     return summary
 

@@ -1,0 +1,143 @@
+"""`megatron-vita eval` end to end on the HF path: a Video-MME-format benchmark written here
+(parquet as released, real MP4s) asked of a tiny Long-VITA that answers with letters.
+
+The accuracy `eval` prints is recomputed here from the results file and the answer key; an
+interrupted run (--limit, then a kill -9 of the command) resumes without asking an answered
+question again, counted at HFGenerator.generate (the real method, wrapped to count calls)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from eval_layouts import read_jsonl, videomme_rows, write_videomme
+from megatron_vita.cli import main
+from megatron_vita.inference.hf_generator import HFGenerator
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Each HFGenerator.generate call's question text, the real generate running underneath."""
+    asked = []
+    real = HFGenerator.generate
+
+    def counting(self, request):
+        asked.append(request.turns[-1].content)
+        return real(self, request)
+
+    monkeypatch.setattr(HFGenerator, "generate", counting)
+    monkeypatch.setenv("MEGATRON_VITA_BACKEND", "cpu")
+    return asked
+
+
+def _eval(capsys, root, model, out, *extra):
+    code = main(["eval", "--benchmark", "video-mme", "--data", root, "--model_path", model, "--output", out,
+                 "--nframe", "4", "--max_new_tokens", "1", *extra])
+    captured = capsys.readouterr()
+    return code, captured.out.splitlines(), captured.err
+
+
+def _latest(path):
+    return {r["question_id"]: r for r in read_jsonl(path)}
+
+
+def _accuracy(path, key):
+    """Independent of eval's scoring: a question is right when its latest record, without an
+    error, holds the key's letter."""
+    latest = _latest(path)
+    right = sum(1 for qid, ans in key.items() if not latest[qid].get("error") and latest[qid]["prediction"] == ans)
+    return 100.0 * right / len(key)
+
+
+def _parse_last(lines):
+    last = lines[-1]
+    assert last.startswith("eval: accuracy="), lines
+    acc, n = last[len("eval: accuracy="):].split(" n=")
+    return float(acc), int(n)
+
+
+def test_accuracy_resume_missing_video_and_rescore(tmp_path, capsys, calls, letter_model_dir, videos):
+    rows = videomme_rows(n_videos=4, per_video=2)
+    root = write_videomme(str(tmp_path / "Video-MME"), rows, videos, skip={"vid3"})
+    out = str(tmp_path / "results" / "videomme.jsonl")
+
+    # An interrupted run: only the first 3 questions.
+    code, lines, _ = _eval(capsys, root, letter_model_dir, out, "--limit", "3")
+    assert code == 0 and len(calls) == 3 and len(read_jsonl(out)) == 3
+    assert _parse_last(lines) == (pytest.approx(_accuracy(out, {r["question_id"]: r["answer"] for r in rows[:3]}),
+                                                abs=0.005), 3)
+
+    # The full run asks only the 3 questions left that have a video; vid3's two are recorded.
+    code, lines, err = _eval(capsys, root, letter_model_dir, out)
+    assert code == 0 and len(calls) == 3 + 3
+    assert "3 of 8 questions already answered" in err and "2 of 8 questions have no video" in err
+    records = read_jsonl(out)
+    assert len(records) == 8 and len({r["question_id"] for r in records}) == 8
+    for r in records:
+        for field in ("question_id", "answer", "prediction", "output"):
+            assert field in r
+    missing = [r for r in records if r.get("error")]
+    assert sorted(r["question_id"] for r in missing) == ["004-1", "004-2"]
+    assert all("vid3.mp4" in r["error"] and r["prediction"] == "" for r in missing)
+    predictions = {r["question_id"]: r["prediction"] for r in records if not r.get("error")}
+    assert set(predictions.values()) <= set("ABCD") and len(set(predictions.values())) >= 2, predictions
+    for r in records:
+        if not r.get("error"):
+            assert r["output"].strip() == r["prediction"]  # one greedy token: the letter itself
+    key = {r["question_id"]: r["answer"] for r in rows}
+    acc, n = _parse_last(lines)
+    assert n == 8 and acc == pytest.approx(_accuracy(out, key), abs=0.005)
+
+    # A corrected answer key re-scores without asking the model: half the answered questions
+    # now agree with the model, half do not.
+    answered = sorted(predictions)
+    for i, r in enumerate(rows):
+        if r["question_id"] in predictions:
+            p = predictions[r["question_id"]]
+            r["answer"] = p if answered.index(r["question_id"]) % 2 == 0 else "ABCD"[("ABCD".index(p) + 1) % 4]
+    write_videomme(root, rows, videos, skip={"vid3"})
+    key = {r["question_id"]: r["answer"] for r in rows}
+    code, lines, _ = _eval(capsys, root, letter_model_dir, out)
+    assert code == 0 and len(calls) == 6  # nothing asked: the missing video is still missing
+    acc, n = _parse_last(lines)
+    expected = _accuracy(out, key)
+    assert 0 < expected < 100 and acc == pytest.approx(expected, abs=0.005) and n == 8
+    summary = json.load(open(str(tmp_path / "results" / "videomme.summary.json")))
+    latest = _latest(out)
+    for duration in ("short", "medium", "long"):
+        ids = [r["question_id"] for r in rows if r["duration"] == duration]
+        right = sum(latest[i]["prediction"] == key[i] and not latest[i].get("error") for i in ids)
+        assert summary["groups"]["duration"][duration]["n"] == len(ids)
+        assert summary["groups"]["duration"][duration]["correct"] == right
+    assert summary["errors"] == 2 and summary["overall"]["n"] == 8
+    # The tables come before the last line, one row per task type among others.
+    assert any(line.split()[:1] == ["task_type"] for line in lines[:-1])
+
+    # The video arrives: a rerun asks exactly its two questions.
+    os.symlink(videos[3], os.path.join(root, "data", "vid3.mp4"))
+    code, lines, _ = _eval(capsys, root, letter_model_dir, out)
+    assert code == 0 and len(calls) == 8
+    latest = _latest(out)
+    assert not any(r.get("error") for r in latest.values())
+    assert _parse_last(lines) == (pytest.approx(_accuracy(out, key), abs=0.005), 8)
+
+
+def test_one_line_errors(tmp_path, capsys, calls, letter_model_dir, videos):
+    out = str(tmp_path / "r.jsonl")
+    code, _, err = _eval(capsys, str(tmp_path), letter_model_dir, out)
+    assert code == 1 and err.strip().splitlines() == [
+        f"megatron-vita eval: error: Video-MME annotation file {tmp_path}/videomme/test-00000-of-00001.parquet "
+        f"does not exist (--data {tmp_path})"]
+    root = write_videomme(str(tmp_path / "vm"), videomme_rows(1, 1), videos)
+    code, _, err = _eval(capsys, root, letter_model_dir, out, "--tp", "2")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "--tp 2 sets megatron-core ranks" in err
+    assert not os.path.exists(out) and calls == []
+    code, _, err = _eval(capsys, root, str(tmp_path / "nowhere"), out, "--nframe", "0")
+    assert code == 1 and err.strip().splitlines() == [
+        "megatron-vita eval: error: --nframe must be >= 1, got 0",
+        f"megatron-vita eval: error: --model_path {tmp_path}/nowhere does not exist"]
