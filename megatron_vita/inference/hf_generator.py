@@ -7,7 +7,8 @@ decoding is transformers' `generate` with its KV cache (the images go in at pref
 LongVITAForCausalLM.prepare_inputs_for_generation). Greedy unless the request samples; the
 sampling options are all set explicitly, so the checkpoint's own generation_config (released:
 temperature 0.7, top_p 0.8, top_k 20, repetition penalty 1.05) never changes a request's
-meaning. Generation stops at `<|im_end|>` or `<|endoftext|>`.
+meaning (the model's generation_config is replaced by a neutral one too, so that an option
+the request does not set is not filled from it either). Generation stops at `<|im_end|>` or `<|endoftext|>`.
 
 `stream` runs the same `generate` call on a worker thread whose streamer hands each new token
 id over a queue (ids only, no tensors); the caller's thread detokenizes them incrementally
@@ -77,7 +78,7 @@ class HFGenerator:
     def __init__(self, model_dir: str, backend: Optional[str] = None, dtype: str = "fp32",
                  tokenizer: Optional[str] = None):
         import torch
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, GenerationConfig
 
         import megatron_vita  # noqa: F401  (registers the Long-VITA classes with the Auto classes)
         from megatron_vita.config.dtypes import torch_dtype
@@ -98,6 +99,12 @@ class HFGenerator:
         self.device = placement.device(backend)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype)).eval().to(self.device)
         self.stops = stop_token_ids(self.model_config)
+        # generate() fills every option a request leaves unset from the model's generation_config
+        # (released: sampling at temperature 0.7, repetition penalty 1.05): a neutral one instead,
+        # so that only the request decides how tokens are chosen.
+        self.model.generation_config = GenerationConfig(
+            bos_token_id=self.model_config.tokens.bos_token_id, eos_token_id=list(self.stops),
+            pad_token_id=self.model_config.tokens.pad_token_id)
         self._torch = torch
         self._lock = threading.Lock()
 

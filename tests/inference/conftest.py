@@ -4,7 +4,7 @@
   `megatron-vita create-tiny` writes) WITH a tokenizer whose 20 special tokens sit at the ids the
   tiny config expects (the demo's byte-level BPE, trained here on a few sentences), so that
   `megatron-vita infer --model_path DIR` works on it as on a released checkpoint.
-- `png_path` / `mp4_path`: a real PNG (150x90: a 2-tile grid + thumbnail at 56px) and a real
+- `png_path` / `mp4_path`: a real PNG (150x90: thumbnail + a 3x2 grid of 56px tiles) and a real
   H.264 MP4 (12 frames at 4 fps: 3 frames sampled at 1 fps), written with tests/mv_testlib.py.
 Session-scoped and read-only: do not modify them.
 """
