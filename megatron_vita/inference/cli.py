@@ -27,7 +27,7 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Iterator, List, Optional, TextIO
+from typing import Iterator, List, Optional, TextIO, Tuple
 
 from megatron_vita.config.parallel import ConfigError
 
@@ -176,38 +176,35 @@ def build_request(args: argparse.Namespace, problems: List[str]):
     return request
 
 
-def check(args: argparse.Namespace):
-    """(kind, request, tokenizer dir) after checking everything a model load does not need;
-    ConfigError with one line per problem."""
+def model_problems(args: argparse.Namespace) -> Tuple[Optional[str], Optional[str], List[str]]:
+    """(kind, tokenizer dir, problems) of --model_path and the flags that go with it, before any
+    model loads: what it is, its files, the tokenizer (a Megatron checkpoint's recorded one by
+    default), the megatron-core flags and kernel flags an HF directory cannot take. Shared by
+    `infer`, `serve` and `eval` (args: model_path, tokenizer, tp, pp, vpp, cp, cp_algo,
+    ulysses_degree_in_cp, prefill_chunk and the kernel flags)."""
     from megatron_vita.config.features import enabled_features
-    from megatron_vita.inference.prompt import media_problems
 
     problems: List[str] = []
-    kind = model_kind(args.model_path)
+    kind, tokenizer = model_kind(args.model_path), args.tokenizer
     if kind is None:
         problems.append(f"--model_path {args.model_path}: " + (
             "no such directory" if not os.path.isdir(args.model_path) else
             "neither a Hugging Face directory (config.json) nor a Megatron checkpoint "
             "(latest_checkpointed_iteration.txt or iter_* directories)"))
-    request = build_request(args, problems)
-    problems += request.problems() + media_problems(request)
-    if args.max_fps <= 0:
-        problems.append(f"--max_fps must be > 0, got {args.max_fps}")
-    tokenizer = args.tokenizer
-    if kind == "hf":
+    elif kind == "hf":
         from megatron_vita.inference.hf_generator import hf_dir_problems
 
         problems += hf_dir_problems(args.model_path, args.tokenizer)
         for dest, flag in _MEGATRON_FLAGS.items():
-            if getattr(args, dest) is not None:
+            if getattr(args, dest, None) is not None:
                 problems.append(f"{flag} applies to a Megatron checkpoint; {args.model_path} is an HF directory "
                                 "(transformers runs it in this process)")
         for name in enabled_features(args):
             problems.append(f"--{name}: kernel flags apply to the megatron-core path; {args.model_path} is an HF "
                             "directory (transformers runs it unpatched)")
-    elif kind == "megatron":
-        for dest in ("tp", "pp", "cp", "prefill_chunk"):
-            value = getattr(args, dest)
+    else:
+        for dest in ("tp", "pp", "vpp", "cp", "prefill_chunk"):
+            value = getattr(args, dest, None)
             if value is not None and value < 1:
                 problems.append(f"{_MEGATRON_FLAGS[dest]} must be >= 1, got {value}")
         if tokenizer is None:
@@ -215,15 +212,29 @@ def check(args: argparse.Namespace):
                 tokenizer = recorded_tokenizer(args.model_path)
             except (OSError, ValueError, RuntimeError) as e:
                 problems.append(f"--model_path {args.model_path}: {e}")
-                tokenizer = ""
-            if tokenizer is None:
-                problems.append(f"--model_path {args.model_path}: its training recorded no tokenizer; pass "
-                                "--tokenizer DIR")
-            elif tokenizer and not os.path.isdir(tokenizer):
-                problems.append(f"--model_path {args.model_path}: the tokenizer recorded at training time, {tokenizer}, "
-                                "is not a directory here (relative to where training ran?); pass --tokenizer DIR")
+            else:
+                if tokenizer is None:
+                    problems.append(f"--model_path {args.model_path}: its training recorded no tokenizer; pass "
+                                    "--tokenizer DIR")
+                elif not os.path.isdir(tokenizer):
+                    problems.append(f"--model_path {args.model_path}: the tokenizer recorded at training time, "
+                                    f"{tokenizer}, is not a directory here (relative to where training ran?); "
+                                    "pass --tokenizer DIR")
         elif not os.path.isdir(tokenizer):
             problems.append(f"--tokenizer {tokenizer}: no such directory")
+    return kind, tokenizer, problems
+
+
+def check(args: argparse.Namespace):
+    """(kind, request, tokenizer dir) after checking everything a model load does not need;
+    ConfigError with one line per problem."""
+    from megatron_vita.inference.prompt import media_problems
+
+    kind, tokenizer, problems = model_problems(args)
+    request = build_request(args, problems)
+    problems += request.problems() + media_problems(request)
+    if args.max_fps <= 0:
+        problems.append(f"--max_fps must be > 0, got {args.max_fps}")
     if problems:
         raise ConfigError(problems)
     return kind, request, tokenizer

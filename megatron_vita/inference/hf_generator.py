@@ -160,14 +160,13 @@ class HFGenerator:
     def _stream(self, request, ids, pixels, budget) -> Iterator[str]:
         from transformers import StoppingCriteria, StoppingCriteriaList
 
+        torch = self._torch
         cancelled = threading.Event()
 
         class _Cancelled(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
-                return self_torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=self_torch.bool,
-                                       device=input_ids.device)
+                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
 
-        self_torch = self._torch
         streamer = _TokenQueue()
         failure: List[BaseException] = []
 
