@@ -1,11 +1,14 @@
 """`megatron-vita serve`: the OpenAI-compatible server over one Long-VITA model.
 
 Owns the command line: flags, their checks (all before the model loads, one line per problem),
-the choice of Generator by what `--model_path` holds (an HF directory: transformers' path; a
-Megatron checkpoint: the megatron-core engine with `--tp/--pp/--cp`, spawned ranks or torchrun),
-and the uvicorn run. Under torchrun only rank 0 serves HTTP: the engine keeps the other ranks
-following its broadcasts, so on them this command just builds the generator and returns when it
-is closed.
+and the uvicorn run. What `--model_path` is and which Generator runs it are decided as `infer`
+decides them (inference/cli.py: an HF directory -> HFGenerator in this process; a Megatron
+checkpoint -> the megatron-core engine's MegatronGenerator on TP*PP*CP ranks, with the tokenizer
+its training recorded unless `--tokenizer` is given), so both commands load a model the same way.
+
+The listening socket is bound before the model loads: a taken port fails at once, in one line.
+Under torchrun only rank 0 serves HTTP; the engine keeps the other ranks following rank 0's
+requests, so on them this command builds the generator and returns once it is closed.
 """
 from __future__ import annotations
 
@@ -13,21 +16,27 @@ import argparse
 import os
 import socket
 import sys
-from typing import List
+from typing import List, Optional, Tuple
 
 from megatron_vita.serve.settings import DEFAULT_MAX_FRAMES, DEFAULT_MAX_TOKENS, ServeSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from megatron_vita.config.dtypes import DTYPES
+    from megatron_vita.config.features import add_feature_arguments
+
     parser.add_argument("--model_path", "--model-path", dest="model_path", required=True, metavar="DIR",
-                        help="a Long-VITA HF directory (transformers) or a Megatron checkpoint (megatron-core)")
+                        help="a Long-VITA HF directory (transformers) or a Megatron checkpoint (megatron-core ranks)")
     parser.add_argument("--tokenizer", metavar="DIR", default=None,
-                        help="tokenizer directory (default: the HF directory's, or the one recorded at training)")
+                        help="tokenizer directory (default: the HF directory's, or the one a Megatron checkpoint's "
+                        "training recorded)")
     parser.add_argument("--served-model-name", default=None,
                         help="the model id clients send (default: the --model_path directory's name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000, help="port (0: any free one, printed at start)")
-    g = parser.add_argument_group("media and limits (a request over a limit gets a 4xx naming it)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype (default fp32)")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    g = parser.add_argument_group("media and limits (a request over a limit gets a 4xx naming the flag)")
     g.add_argument("--media-root", metavar="DIR", default=None,
                    help="local paths and file:// URLs are accepted only inside DIR (default: refused)")
     g.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) media URLs (default: refused)")
@@ -39,33 +48,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help="new tokens per answer, and the default when a request gives none")
     g.add_argument("--max_seq_len", "--max-seq-len", dest="max_seq_len", type=int, default=None,
-                   help="prompt + answer tokens (default: the model's limit)")
+                   help="prompt + answer tokens (default: the model's position limit)")
     g.add_argument("--max-concurrency", type=int, default=64,
                    help="requests held at once, generating (one at a time) or waiting in arrival order; "
                    "more are refused with 429")
-    m = parser.add_argument_group("model")
-    m.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="compute dtype")
-    m.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=None,
-                   help="Megatron checkpoints: tensor-parallel ranks (default: the checkpoint's)")
-    m.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=None)
-    m.add_argument("--cp", "--context-parallel-size", dest="cp", type=int, default=None,
-                   help="context-parallel ranks; the world is TP*PP*CP ranks")
-    m.add_argument("--cp-algo", "--context-parallel-algo", dest="cp_algo", default=None,
-                   help="ring (default), ulysses or hybrid (MindSpeed's names accepted)")
-    m.add_argument("--prefill-chunk", type=int, default=None,
-                   help="Megatron checkpoints: prefill the prompt in chunks of N tokens (bounded memory)")
-    m.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    from megatron_vita.config.features import add_feature_arguments
-
+    mg = parser.add_argument_group("megatron-core path (a Megatron checkpoint)")
+    mg.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=None)
+    mg.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=None)
+    mg.add_argument("--vpp", "--virtual-pipeline-model-parallel-size", dest="vpp", type=int, default=None)
+    mg.add_argument("--cp", "--context-parallel-size", dest="cp", type=int, default=None,
+                    help="context-parallel ranks; the world is TP*PP*CP ranks")
+    mg.add_argument("--cp-algo", "--context-parallel-algo", dest="cp_algo", default=None,
+                    help="ring (default), ulysses or hybrid (MindSpeed's names accepted)")
+    mg.add_argument("--ulysses-degree-in-cp", dest="ulysses_degree_in_cp", type=int, default=None)
+    mg.add_argument("--prefill-chunk", "--prefill_chunk", dest="prefill_chunk", type=int, default=None, metavar="N",
+                    help="prefill the prompt N tokens at a time (activation memory bounded by the chunk)")
     add_feature_arguments(parser)
-
-
-_MEGATRON_ONLY = {"tp": "--tp", "pp": "--pp", "cp": "--cp", "cp_algo": "--cp-algo", "prefill_chunk": "--prefill-chunk"}
-
-
-def is_hf_dir(path: str) -> bool:
-    """An HF checkpoint has config.json at its top; a Megatron save root or iteration dir has not."""
-    return os.path.isfile(os.path.join(path, "config.json"))
 
 
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
@@ -79,48 +77,60 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         max_seq_len=args.max_seq_len)
 
 
-def problems(args: argparse.Namespace, settings: ServeSettings) -> List[str]:
-    """Everything wrong with the command line, before any model work."""
+def check_model(args: argparse.Namespace) -> Tuple[Optional[str], Optional[str], List[str]]:
+    """(kind, tokenizer dir, problems) of `--model_path`, with `infer`'s rules; flags of the
+    other path are refused rather than ignored."""
     from megatron_vita.config.features import enabled_features
+    from megatron_vita.inference import cli as infer
 
-    out = list(settings.problems())
-    if not os.path.isdir(args.model_path):
-        out.append(f"--model_path {args.model_path}: no such directory")
-    elif is_hf_dir(args.model_path):
-        given = [flag for dest, flag in _MEGATRON_ONLY.items() if getattr(args, dest) is not None]
-        given += ["--" + f for f in enabled_features(args)]
-        out += [f"{flag} applies to Megatron checkpoints; --model_path {args.model_path} is an HF directory "
-                "(transformers runs it)" for flag in given]
+    out: List[str] = []
+    kind = infer.model_kind(args.model_path)
+    tokenizer = args.tokenizer
+    if kind is None:
+        out.append(f"--model_path {args.model_path}: " + (
+            "no such directory" if not os.path.isdir(args.model_path) else
+            "neither a Hugging Face directory (config.json) nor a Megatron checkpoint "
+            "(latest_checkpointed_iteration.txt or iter_* directories)"))
+    elif kind == "hf":
+        from megatron_vita.inference.hf_generator import hf_dir_problems
+
+        out += hf_dir_problems(args.model_path, args.tokenizer)
+        given = [flag for dest, flag in infer._MEGATRON_FLAGS.items() if getattr(args, dest) is not None]
+        given += ["--" + name for name in enabled_features(args)]
+        out += [f"{flag} applies to a Megatron checkpoint; {args.model_path} is an HF directory (transformers "
+                "runs it in this process)" for flag in given]
+    else:
+        for dest in ("tp", "pp", "vpp", "cp", "prefill_chunk"):
+            value = getattr(args, dest)
+            if value is not None and value < 1:
+                out.append(f"{infer._MEGATRON_FLAGS[dest]} must be >= 1, got {value}")
+        if tokenizer is None:
+            try:
+                tokenizer = infer.recorded_tokenizer(args.model_path)
+            except (OSError, ValueError, RuntimeError) as e:
+                out.append(f"--model_path {args.model_path}: {e}")
+            else:
+                if tokenizer is None or not os.path.isdir(tokenizer):
+                    out.append(f"--model_path {args.model_path}: " + (
+                        "its training recorded no tokenizer" if tokenizer is None else
+                        f"the tokenizer its training recorded, {tokenizer}, is not a directory here")
+                        + "; pass --tokenizer DIR")
+        elif not os.path.isdir(tokenizer):
+            out.append(f"--tokenizer {tokenizer}: no such directory")
+    return kind, tokenizer, out
+
+
+def problems(args: argparse.Namespace, settings: ServeSettings) -> Tuple[Optional[str], Optional[str], List[str]]:
+    """(kind, tokenizer, problems): everything wrong with the command line, before any model work."""
+    kind, tokenizer, out = check_model(args)
+    out = list(settings.problems()) + out
     if not 0 <= args.port <= 65535:
         out.append(f"--port must be in 0..65535, got {args.port}")
-    for flag, value in (("--tp", args.tp), ("--pp", args.pp), ("--cp", args.cp), ("--prefill-chunk", args.prefill_chunk)):
-        if value is not None and value < 1:
-            out.append(f"{flag} must be >= 1, got {value}")
-    return out
-
-
-def open_generator(args: argparse.Namespace):
-    """The Generator for `--model_path`, by what the directory holds (heavy imports here only)."""
-    backend = getattr(args, "backend", None)
-    if is_hf_dir(args.model_path):
-        from megatron_vita.inference.hf_generator import HFGenerator
-
-        return HFGenerator(args.model_path, backend=backend, dtype=args.dtype, tokenizer=args.tokenizer)
-    from megatron_vita.config.features import enabled_features
-    from megatron_vita.config.parallel import ParallelConfig
-    from megatron_vita.inference.engine import MegatronGenerator
-
-    layout = {"tensor_model_parallel_size": args.tp or 1, "pipeline_model_parallel_size": args.pp or 1,
-              "context_parallel_size": args.cp or 1}
-    if args.cp_algo:
-        layout["context_parallel_algo"] = args.cp_algo
-    return MegatronGenerator(args.model_path, ParallelConfig(**layout), tokenizer=args.tokenizer, backend=backend,
-                             features=tuple(enabled_features(args)), prefill_chunk=args.prefill_chunk,
-                             dtype=args.dtype)
+    return kind, tokenizer, out
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before the model loads: a taken port fails in one line at once."""
+    """The listening socket, bound before the model loads."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -148,21 +158,23 @@ def serve(generator, settings: ServeSettings, sock: socket.socket, log_level: st
 
 def run(args: argparse.Namespace) -> int:
     from megatron_vita.config.parallel import ConfigError
+    from megatron_vita.inference.cli import make_generator
 
     settings = settings_from_args(args)
-    found = problems(args, settings)
+    kind, tokenizer, found = problems(args, settings)
     if found:
         raise ConfigError(found)
     leader = int(os.environ.get("RANK", "0")) == 0
     sock = bind(args.host, args.port) if leader else None
+    print(f"serve: {kind} path: loading {args.model_path}", file=sys.stderr, flush=True)
     try:
-        generator = open_generator(args)
+        generator = make_generator(kind, args, tokenizer)
     except BaseException:
         if sock is not None:
             sock.close()
         raise
     try:
-        if leader:  # followers: the engine ran them until rank 0 closed the generator
+        if leader:
             serve(generator, settings, sock, args.log_level)
     finally:
         close = getattr(generator, "close", None)

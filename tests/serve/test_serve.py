@@ -211,11 +211,15 @@ def test_disconnecting_stream_frees_its_slot(generator, serve_tmp, media_root):
                 "messages": user({"type": "image_url", "image_url": {"url": "square.png"}}, text_part())}
         with httpx.Client(timeout=30) as http:
             with http.stream("POST", f"{srv.url}/v1/chat/completions", json=body) as r:
+                lines = r.iter_lines()  # not closed until the end: closing it drops the connection
                 pieces = 0
-                for line in r.iter_lines():
+                while pieces < 3:
+                    line = next(lines)
                     pieces += line.startswith("data: ") and '"content"' in line
-                    if pieces >= 3:
-                        break
+                # Its one slot is taken: the next request is refused, naming the limit.
+                with pytest.raises(openai.RateLimitError) as busy:
+                    srv.client().chat.completions.create(model=MODEL, max_tokens=2, messages=user(text_part()))
+                assert "--max-concurrency 1" in busy.value.body["message"]
         deadline = time.monotonic() + 10
         while (h := httpx.get(f"{srv.url}/health").json())["running"] + h["waiting"] and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -225,3 +229,40 @@ def test_disconnecting_stream_frees_its_slot(generator, serve_tmp, media_root):
         assert_no_request_files(serve_tmp)
     finally:
         srv.stop()
+
+
+def test_remote_media_only_with_the_flag(generator, media_root, serve_tmp):
+    """--allow-remote-media fetches http(s) media (here from a loopback file server), capped by
+    --max-request-mb like a body."""
+    import functools
+    import http.server
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=media_root))
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{files.server_address[1]}"
+    srv = start_server(generator, model_name=MODEL, allow_remote_media=True, max_request_bytes=2000)
+    try:
+        client = srv.client()
+        answer = client.chat.completions.create(
+            model=MODEL, max_tokens=6, messages=user({"type": "image_url", "image_url": {"url": f"{url}/square.png"}},
+                                                     text_part()))
+        png = os.path.join(media_root, "square.png")
+        assert answer.choices[0].message.content == reference(generator, images=[png]).text
+        assert os.path.getsize(os.path.join(media_root, "bar.mp4")) > 2000
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.chat.completions.create(
+                model=MODEL, max_tokens=2, messages=user({"type": "video_url", "video_url": {"url": f"{url}/bar.mp4"}},
+                                                         text_part()))
+        assert caught.value.status_code == 413 and "--max-request-mb" in caught.value.body["message"]
+        # Local paths stay refused without --media-root.
+        with pytest.raises(openai.PermissionDeniedError, match="--media-root"):
+            client.chat.completions.create(
+                model=MODEL, max_tokens=2, messages=user({"type": "image_url", "image_url": {"url": png}}, text_part()))
+        assert_no_request_files(serve_tmp)
+    finally:
+        srv.stop()
+        files.shutdown()
