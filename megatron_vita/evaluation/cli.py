@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 DEFAULT_NFRAME = 4096  # Long-VITA's MAX_NUM_FRAME default; its published sweep used 64 .. 1024
 
@@ -51,14 +51,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per answer (default 1024, as Long-VITA's evaluation; greedy decoding)")
     parser.add_argument("--max_seq_len", "--max-seq-len", dest="max_seq_len", type=int, default=None,
                         help="prompt + answer tokens (default: the model's limit)")
-    parser.add_argument("--tokenizer", metavar="DIR", help="Megatron checkpoint: tokenizer (default: the one "
-                        "recorded at training time)")
-    parser.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=None)
-    parser.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=None)
-    parser.add_argument("--cp", "--context-parallel-size", dest="cp", type=int, default=None)
-    parser.add_argument("--prefill-chunk", dest="prefill_chunk", type=int, default=None,
-                        help="megatron-core: prefill the prompt in chunks of N tokens")
+    parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the HF directory's, or the "
+                        "one a Megatron checkpoint's training recorded)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    mg = parser.add_argument_group("megatron-core path (a Megatron checkpoint)")
+    mg.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=None)
+    mg.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=None)
+    mg.add_argument("--vpp", "--virtual-pipeline-model-parallel-size", dest="vpp", type=int, default=None)
+    mg.add_argument("--cp", "--context-parallel-size", dest="cp", type=int, default=None)
+    mg.add_argument("--cp-algo", "--context-parallel-algo", dest="cp_algo", default=None,
+                    help="ring (default), ulysses or hybrid (MindSpeed's names accepted)")
+    mg.add_argument("--ulysses-degree-in-cp", dest="ulysses_degree_in_cp", type=int, default=None)
+    mg.add_argument("--prefill-chunk", "--prefill_chunk", dest="prefill_chunk", type=int, default=None, metavar="N",
+                    help="prefill the prompt N tokens at a time")
     add_feature_arguments(parser)
 
 
@@ -71,74 +76,93 @@ def summary_path(output: str, summary: Optional[str]) -> str:
 
 def flag_problems(args) -> List[str]:
     out = []
-    for name in ("nframe", "limit", "max_new_tokens", "max_seq_len", "tp", "pp", "cp", "prefill_chunk"):
+    for name in ("nframe", "limit", "max_new_tokens", "max_seq_len"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             out.append(f"--{name} must be >= 1, got {value}")
-    if not os.path.exists(args.model_path):
-        out.append(f"--model_path {args.model_path} does not exist")
     if os.path.isdir(args.output):
         out.append(f"--output {args.output} is a directory; give a file")
     return out
 
 
-def model_kind(path: str) -> str:
-    """'hf' for a transformers directory, 'megatron' for a Megatron save root or iteration dir."""
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return "hf"
-    from megatron_vita.checkpoint.megatron_layout import resolve_iteration_dir
+def model_problems(args) -> Tuple[Optional[str], Optional[str], List[str]]:
+    """(kind, tokenizer dir, problems) of --model_path and the flags that go with it, checked as
+    `infer` checks them (inference/cli.py: its model_kind, hf_dir_problems, recorded_tokenizer),
+    before any model loads."""
+    from megatron_vita.config.features import enabled_features
+    from megatron_vita.inference.cli import _MEGATRON_FLAGS, model_kind, recorded_tokenizer
+    from megatron_vita.inference.hf_generator import hf_dir_problems
 
-    try:
-        resolve_iteration_dir(path)
-    except (FileNotFoundError, ValueError):
-        raise FileNotFoundError(f"--model_path {path} is neither an HF Long-VITA directory (config.json) nor a "
-                                "Megatron checkpoint (latest_checkpointed_iteration.txt or iter_XXXXXXX)") from None
-    return "megatron"
+    kind, tokenizer, problems = model_kind(args.model_path), args.tokenizer, []
+    if kind is None:
+        problems.append(f"--model_path {args.model_path}: " + (
+            "no such directory" if not os.path.isdir(args.model_path) else
+            "neither a Hugging Face directory (config.json) nor a Megatron checkpoint "
+            "(latest_checkpointed_iteration.txt or iter_* directories)"))
+    elif kind == "hf":
+        problems += hf_dir_problems(args.model_path, args.tokenizer)
+        for dest, flag in _MEGATRON_FLAGS.items():
+            if getattr(args, dest, None) is not None:
+                problems.append(f"{flag} applies to a Megatron checkpoint; {args.model_path} is an HF directory "
+                                "(transformers runs it in this process; megatron-vita convert makes a Megatron one)")
+        for name in enabled_features(args):
+            problems.append(f"--{name}: kernel flags apply to the megatron-core path; {args.model_path} is an HF "
+                            "directory (transformers runs it unpatched)")
+    else:
+        for dest in ("tp", "pp", "vpp", "cp", "prefill_chunk"):
+            value = getattr(args, dest, None)
+            if value is not None and value < 1:
+                problems.append(f"{_MEGATRON_FLAGS[dest]} must be >= 1, got {value}")
+        if tokenizer is None:
+            try:
+                tokenizer = recorded_tokenizer(args.model_path)
+            except (OSError, ValueError, RuntimeError) as e:
+                problems.append(f"--model_path {args.model_path}: {e}")
+            else:
+                if tokenizer is None:
+                    problems.append(f"--model_path {args.model_path}: its training recorded no tokenizer; pass "
+                                    "--tokenizer DIR")
+                elif not os.path.isdir(tokenizer):
+                    problems.append(f"--model_path {args.model_path}: the tokenizer recorded at training time, "
+                                    f"{tokenizer}, is not a directory here; pass --tokenizer DIR")
+        elif not os.path.isdir(tokenizer):
+            problems.append(f"--tokenizer {tokenizer}: no such directory")
+    return kind, tokenizer, problems
 
 
-def open_generator(model_path: str, *, tp: int = 1, pp: int = 1, cp: int = 1, tokenizer: Optional[str] = None,
-                   dtype: str = "fp32", backend: Optional[str] = None, features: Sequence[str] = (),
-                   prefill_chunk: Optional[int] = None):
-    """The Generator for a model directory: transformers for an HF directory, the megatron-core
-    engine on TP x PP x CP ranks for a Megatron checkpoint. Imported lazily, so the HF path never
-    imports megatron-core. Shared by `eval` and the lmms-eval / VLMEvalKit adapters."""
+def open_generator(model_path: str, *, tp: Optional[int] = None, pp: Optional[int] = None,
+                   vpp: Optional[int] = None, cp: Optional[int] = None, cp_algo: Optional[str] = None,
+                   ulysses_degree_in_cp: Optional[int] = None, tokenizer: Optional[str] = None, dtype: str = "fp32",
+                   backend: Optional[str] = None, features: Sequence[str] = (), prefill_chunk: Optional[int] = None):
+    """The Generator for a model directory, chosen and built as `infer` does (an HF directory:
+    transformers in this process; a Megatron checkpoint: the megatron-core engine on TP x PP x CP
+    ranks), after the same one-line checks. Used by the adapters; `eval` checks first, then calls
+    `inference.cli.make_generator` itself."""
+    from megatron_vita.config.features import known_feature_names, normalize
+    from megatron_vita.config.parallel import ConfigError
+    from megatron_vita.inference.cli import make_generator
     from megatron_vita.platform import resolve_backend
 
-    backend = resolve_backend(backend)
-    kind = model_kind(model_path)
-    if kind == "hf":
-        layout = [f"--{k} {v}" for k, v in (("tp", tp), ("pp", pp), ("cp", cp)) if v not in (None, 1)]
-        if layout:
-            raise ValueError(f"{layout[0]} sets megatron-core ranks, but --model_path {model_path} is an HF "
-                             "directory run by transformers; convert it to a Megatron checkpoint (megatron-vita "
-                             "convert) to evaluate it on several ranks")
-        from megatron_vita.inference.hf_generator import HFGenerator
-
-        return HFGenerator(model_path, backend=backend, dtype=dtype, tokenizer=tokenizer)
-    from megatron_vita.config.parallel import ParallelConfig
-    from megatron_vita.inference.engine import MegatronGenerator
-
-    par = ParallelConfig(tensor_model_parallel_size=tp or 1, pipeline_model_parallel_size=pp or 1,
-                         context_parallel_size=cp or 1)
-    return MegatronGenerator(model_path, par, tokenizer=tokenizer, backend=backend, features=tuple(features),
-                             prefill_chunk=prefill_chunk, dtype=dtype)
-
-
-def _generator_from_args(args):
-    from megatron_vita.config.features import enabled_features
-
-    return open_generator(args.model_path, tp=args.tp or 1, pp=args.pp or 1, cp=args.cp or 1,
-                          tokenizer=args.tokenizer, dtype=args.dtype, backend=getattr(args, "backend", None),
-                          features=enabled_features(args), prefill_chunk=args.prefill_chunk)
+    wanted = {normalize(f) for f in features}
+    args = argparse.Namespace(model_path=model_path, tp=tp, pp=pp, vpp=vpp, cp=cp, cp_algo=cp_algo,
+                              ulysses_degree_in_cp=ulysses_degree_in_cp, prefill_chunk=prefill_chunk,
+                              tokenizer=tokenizer, dtype=dtype, backend=resolve_backend(backend),
+                              **{n.replace("-", "_"): n in wanted for n in known_feature_names()})
+    kind, tokenizer, problems = model_problems(args)
+    if problems:
+        raise ConfigError(problems)
+    return make_generator(kind, args, tokenizer)
 
 
 def run(args: argparse.Namespace) -> int:
     from megatron_vita.config.parallel import ConfigError
     from megatron_vita.evaluation.benchmarks import BENCHMARKS, read_benchmark
-    from megatron_vita.evaluation.results import (ResultsFile, report_lines, run_questions, summarize,
+    from megatron_vita.evaluation.results import (ResultsFile, pending, report_lines, run_questions, summarize,
                                                   write_summary)
+    from megatron_vita.inference.cli import answer_channel, make_generator
 
-    problems = flag_problems(args)
+    kind, tokenizer, problems = model_problems(args)
+    problems = flag_problems(args) + problems
     if problems:
         raise ConfigError(problems)
     questions = read_benchmark(args.benchmark, args.data)
@@ -151,26 +175,32 @@ def run(args: argparse.Namespace) -> int:
         print(f"eval: {missing} of {len(questions)} questions have no video (recorded as errors, counted wrong)",
               file=sys.stderr)
     results = ResultsFile(args.output, args.benchmark, args.nframe)
-    results.load()  # refuses another benchmark's / --nframe's file before the model loads
-    model_kind(args.model_path)
-    generator = None
-
-    def factory():
-        nonlocal generator
-        generator = _generator_from_args(args)
-        return generator
-
-    try:
-        records = run_questions(questions, factory, results, args.benchmark, args.nframe, args.max_new_tokens,
-                                args.max_seq_len)
-    finally:
-        close = getattr(generator, "close", None)
-        if close is not None:
-            close()
-    summary = summarize(questions, records, BENCHMARKS[args.benchmark].group_keys, args.benchmark)
-    summary.update(nframe=args.nframe, model_path=os.path.abspath(args.model_path), output=os.path.abspath(args.output))
-    write_summary(summary_path(args.output, args.summary), summary)
-    for line in report_lines(summary):
-        print(line)
-    sys.stdout.flush()
+    # Read before any model loads (another benchmark's or --nframe's file is refused here). Under
+    # torchrun every process reads it before the generator's collective start, so all agree on
+    # whether a model is needed.
+    todo = pending(questions, results.load())
+    # stdout: the tables and the last line only; whatever a library or a spawned rank prints
+    # while the model runs goes to stderr (infer's answer channel).
+    with answer_channel() as out:
+        generator = None
+        try:
+            if any(q.missing is None for q in todo):
+                print(f"eval: {len(todo)} of {len(questions)} questions to ask; loading {args.model_path} ({kind})",
+                      file=sys.stderr)
+                generator = make_generator(kind, args, tokenizer)
+                if not getattr(generator, "is_driver", True):
+                    generator.follow()  # a torchrun rank other than 0: answers rank 0's requests
+                    return 0
+            records = run_questions(questions, generator, results, args.benchmark, args.nframe,
+                                    args.max_new_tokens, args.max_seq_len)
+        finally:
+            close = getattr(generator, "close", None)
+            if close is not None:
+                close()
+        summary = summarize(questions, records, BENCHMARKS[args.benchmark].group_keys, args.benchmark)
+        summary.update(nframe=args.nframe, model_path=os.path.abspath(args.model_path),
+                       output=os.path.abspath(args.output))
+        write_summary(summary_path(args.output, args.summary), summary)
+        for line in report_lines(summary):
+            print(line, file=out)
     return 0

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Callable, Dict, Iterable, List, Optional, TextIO
+from typing import Dict, Iterable, List, Optional, TextIO
 
 from megatron_vita.evaluation.answers import extract_letter, format_table, score
 from megatron_vita.evaluation.benchmarks import Question
@@ -106,25 +106,24 @@ def ask(q: Question, generator, benchmark: str, nframe: int, max_new_tokens: int
             "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens}
 
 
-def run_questions(questions: List[Question], generator_factory: Callable[[], object], results: ResultsFile,
-                  benchmark: str, nframe: int, max_new_tokens: int, max_seq_len: Optional[int],
-                  log: Optional[TextIO] = None) -> Dict[str, dict]:
-    """Ask every question not yet done; returns the records of `questions` by id.
+def pending(questions: List[Question], records: Dict[str, dict]) -> List[Question]:
+    """The questions a run still has to ask: no record, or a record with an error."""
+    return [q for q in questions if not is_done(records.get(q.question_id))]
 
-    The generator is built only when something is left to ask (a finished run re-scores
-    without loading the model).
-    """
+
+def run_questions(questions: List[Question], generator, results: ResultsFile, benchmark: str, nframe: int,
+                  max_new_tokens: int, max_seq_len: Optional[int], log: Optional[TextIO] = None) -> Dict[str, dict]:
+    """Ask every question not yet done, appending each record as it comes; returns the records of
+    `questions` by id. `generator` may be None when every pending question lacks its video."""
     log = log or sys.stderr  # looked up per call: the process may have redirected it since import
     records = results.load()
-    todo = [q for q in questions if not is_done(records.get(q.question_id))]
+    todo = pending(questions, records)
     done = len(questions) - len(todo)
     if results.torn_lines:
         print(f"eval: {results.path}: ignored {results.torn_lines} incomplete line(s) of an interrupted run",
               file=log)
     if done:
         print(f"eval: resuming {results.path}: {done} of {len(questions)} questions already answered", file=log)
-    asked_model = [q for q in todo if not q.missing]
-    generator = generator_factory() if asked_model else None
     for i, q in enumerate(todo, 1):
         rec = ask(q, generator, benchmark, nframe, max_new_tokens, max_seq_len)
         results.append(rec)

@@ -92,6 +92,11 @@ def test_harness_model_answers_as_the_generator(tmp_path, generator, videos):
     want = generator.generate(single_turn(context, videos=[videos[1]], max_num_frame=4,
                                           sampling=SamplingParams(max_new_tokens=1))).text
     assert got == want and got in "ABCD" and got
+    # Opened from the directory as lmms-eval passes it (strings), the same answer.
+    own = HarnessModel(generator.model_dir, max_num_frame="4", max_new_tokens="1", tp="None", backend="cpu")
+    assert own.lmms_generate(context, [videos[1]], {"max_new_tokens": 1}) == want
+    with pytest.raises(ValueError, match="--tp applies to a Megatron checkpoint"):
+        HarnessModel(generator.model_dir, tp="2").generator
     msg = [{"type": "video", "value": videos[2]}, {"type": "text", "value": "Question: Why?\nA. a\nB. b\nAnswer: "}]
     got = model.vlmevalkit_generate(msg, "Video-MME", "Video-MCQ")
     from megatron_vita.evaluation.adapters.messages import vlmevalkit_request

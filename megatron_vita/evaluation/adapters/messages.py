@@ -158,11 +158,15 @@ def cut_at_stops(text: str, until) -> str:
 class HarnessModel:
     """The framework-free half of both adapters: options as the harnesses pass them (strings
     from lmms-eval's `--model_args k=v,...`), the Generator opened on first use, and one
-    method per harness input. `generator` may be given directly (an already open one)."""
+    method per harness input. `generator` may be given directly (an already open one). Options
+    are eval's flags: max_num_frame, max_fps, max_new_tokens, max_seq_len, tp / pp / vpp / cp,
+    cp_algo, ulysses_degree_in_cp, tokenizer, dtype, backend, prefill_chunk and features (kernel
+    flag names, a list or "use-flash-attn+use-fused-rmsnorm")."""
 
     def __init__(self, model_path: Optional[str] = None, max_num_frame=4096, max_fps=1.0, max_new_tokens=1024,
-                 max_seq_len=None, tp=1, pp=1, cp=1, tokenizer: Optional[str] = None, dtype: str = "fp32",
-                 backend: Optional[str] = None, prefill_chunk=None, generator=None):
+                 max_seq_len=None, tp=None, pp=None, vpp=None, cp=None, cp_algo=None, ulysses_degree_in_cp=None,
+                 tokenizer: Optional[str] = None, dtype: str = "fp32", backend: Optional[str] = None,
+                 prefill_chunk=None, features: Sequence[str] = (), generator=None):
         if generator is None and not model_path:
             raise ValueError("give the model directory (lmms-eval: --model_args pretrained=DIR; VLMEvalKit: "
                              "model_path=DIR)")
@@ -170,9 +174,12 @@ class HarnessModel:
         self.max_num_frame = int(max_num_frame)
         self.max_fps = float(max_fps)
         self.max_new_tokens = int(max_new_tokens)
-        self.max_seq_len = None if max_seq_len in (None, "", "None") else int(max_seq_len)
-        self._open = dict(tp=int(tp), pp=int(pp), cp=int(cp), tokenizer=tokenizer, dtype=dtype, backend=backend,
-                          prefill_chunk=None if prefill_chunk in (None, "", "None") else int(prefill_chunk))
+        self.max_seq_len = _int_or_none(max_seq_len)
+        # Layout flags stay None unless given: on an HF directory any of them is refused (as infer does).
+        self._open = dict(tp=_int_or_none(tp), pp=_int_or_none(pp), vpp=_int_or_none(vpp), cp=_int_or_none(cp),
+                          cp_algo=cp_algo, ulysses_degree_in_cp=_int_or_none(ulysses_degree_in_cp),
+                          prefill_chunk=_int_or_none(prefill_chunk), tokenizer=tokenizer, dtype=dtype,
+                          backend=backend, features=tuple(features.split("+") if isinstance(features, str) else features))
         self._generator = generator
 
     @property
@@ -203,3 +210,8 @@ class HarnessModel:
         close = getattr(self._generator, "close", None)
         if close is not None:
             close()
+
+
+def _int_or_none(value) -> Optional[int]:
+    """lmms-eval's --model_args arrive as strings ("None" included)."""
+    return None if value in (None, "", "None") else int(value)
