@@ -133,12 +133,12 @@ def build_prompt(request: GenerationRequest, tokenizer, model_config) -> Tuple[L
         full = len(evaluator.builder.build(conv, _FS_ROOT)) + header
         thinned = (f" ({len(evaluator.builder.build(conv, _FS_ROOT, max_frames=1)) + header} with one frame per "
                    "video)") if request.videos else ""
-        raise ValueError(f"the prompt is {full} tokens{thinned}; --max_seq_len {limit} leaves room for "
-                         f"{max(room, 0) + header} (at least one answer token must fit): give a larger "
-                         "--max_seq_len or fewer / smaller media")
+        what = f"--max_seq_len {limit}" if request.max_seq_len else f"the model's position limit {limit}"
+        raise ValueError(f"the prompt is {full} tokens{thinned}; {what} leaves room for {max(room, 0) + header} "
+                         "(at least one answer token must fit): give a larger --max_seq_len or fewer / smaller media")
     if outcome == "fewer_frames":
         # Training's fewer_frames policy: the largest frame limit whose resampled videos fit.
-        logger.warning("videos resampled with at most %d frames each so that the prompt fits --max_seq_len %d "
+        logger.warning("videos resampled with at most %d frames each so that the prompt fits in %d tokens "
                        "(training's fewer_frames policy)", doc.max_frames, limit)
         recipe.video.max_frames = doc.max_frames
     ids, pixels, _ = evaluator.prompt(record, _FS_ROOT)
