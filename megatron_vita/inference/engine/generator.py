@@ -5,8 +5,9 @@ Owns how a request reaches every rank and how its answer comes back:
    (`platform.spawn`, run in a background thread for the generator's lifetime) and talks to
    rank 0 over a pipe carrying only plain Python values (requests, text pieces, token ids,
    error lines), never tensors. Under torchrun (WORLD_SIZE set) the current processes are the
-   ranks: rank 0's generator drives in-process; on every other rank the constructor follows
-   requests until rank 0 closes (then returns; `is_driver` is False there).
+   ranks: rank 0's generator drives in-process; the others (`is_driver` False) either call
+   generate / stream in lock-step with it (rank 0's request is answered, on every rank) or
+   `follow()` until rank 0 closes.
  - rank 0 builds the prompt with the training code (`inference.prompt.build_prompt`), then
    broadcasts a header over a control group (gloo, with a long timeout, so idle followers do
    not time out between requests) and the prompt tensors (ids, pixels, sampling numbers) over
@@ -56,6 +57,14 @@ def resolve(checkpoint: str, par: ParallelConfig, tokenizer: Optional[str]):
         problems.append(f"--model_path {checkpoint} records no tokenizer: pass --tokenizer DIR")
     elif not os.path.isdir(tok):
         problems.append(f"--tokenizer {tok}: no such directory")
+    else:  # checked here, not on rank 0: a wrong tokenizer is one line before any rank starts
+        from megatron_vita.data.template import load_tokenizer
+        from megatron_vita.inference.prompt import tokenizer_problems
+
+        try:
+            problems += tokenizer_problems(load_tokenizer(tok), cfg, f"tokenizer {tok}")
+        except (OSError, ValueError) as e:
+            problems.append(f"--tokenizer {tok}: {e}")
     if problems:
         raise ConfigError(problems)
     return cfg, kind, tok
@@ -88,6 +97,7 @@ class _Ranks:
         self.cfg = ModelConfig.from_dict(cfg_dict)
         self.engine = RankEngine(self.cfg, par, (kind, path), dtype, prefill_chunk)
         self.control = dist.new_group(backend="gloo", timeout=_IDLE)
+        self.stopped = False  # rank 0 has closed: nothing more will be broadcast
 
     def receive(self) -> Optional[Tuple]:
         """Followers: the next request's tensors from rank 0, or None when it closes."""
@@ -96,9 +106,12 @@ class _Ranks:
 
         from megatron_vita.inference.engine.sampling import Sampling
 
+        if self.stopped:
+            return None
         header = torch.zeros(3, dtype=torch.long)
         dist.broadcast(header, src=0, group=self.control)
         if int(header[0]) == _OP_STOP:
+            self.stopped = True
             return None
         return self._tensors(int(header[1]), int(header[2]), None, None, None, Sampling)
 
@@ -135,7 +148,9 @@ class _Ranks:
         import torch
         import torch.distributed as dist
 
-        dist.broadcast(torch.tensor([_OP_STOP, 0, 0]), src=0, group=self.control)
+        if not self.stopped:
+            dist.broadcast(torch.tensor([_OP_STOP, 0, 0]), src=0, group=self.control)
+            self.stopped = True
 
     def follow(self) -> None:
         from megatron_vita.inference.text import stop_token_ids
@@ -150,34 +165,41 @@ class _Ranks:
 
 
 class _Driver:
-    """Rank 0: prompts, the request broadcast, detokenized answers."""
+    """A rank that answers: rank 0 builds prompts and broadcasts them; under torchrun the other
+    ranks' generators receive the same request in lock-step and decode the same tokens."""
 
-    def __init__(self, ranks: _Ranks, tokenizer_dir: str):
+    def __init__(self, ranks: _Ranks, tokenizer_dir: str, leads: bool = True):
         from megatron_vita.data.template import load_tokenizer
-        from megatron_vita.inference.prompt import tokenizer_problems
         from megatron_vita.inference.text import stop_token_ids
 
-        self.ranks = ranks
+        self.ranks, self.leads = ranks, leads
         self.tokenizer = load_tokenizer(tokenizer_dir)
-        problems = tokenizer_problems(self.tokenizer, ranks.cfg, f"tokenizer {tokenizer_dir}")
-        if problems:
-            raise ConfigError(problems)
         self.stops = stop_token_ids(ranks.cfg)
 
-    def run(self, request: GenerationRequest) -> Iterator[Tuple[str, object]]:
-        """('piece', text) as tokens come, then ('done', GenerationResult). Prompt problems raise
-        before anything is broadcast, so the followers never see a bad request."""
+    def _request(self, request: GenerationRequest):
+        """(prompt length, ids, pixels, sampling) on every rank; the leader's prompt problems raise
+        before anything is broadcast, so the other ranks never see a bad request."""
         from megatron_vita.inference.engine.sampling import Sampling
         from megatron_vita.inference.prompt import build_prompt, context_limit
-        from megatron_vita.inference.text import IncrementalDetokenizer, detokenize, finish_reason, new_token_budget
+        from megatron_vita.inference.text import new_token_budget
 
+        if not self.leads:
+            got = self.ranks.receive()
+            if got is None:
+                raise RuntimeError("rank 0 closed the generator: no request to follow")
+            return got
         ids, pixels = build_prompt(request, self.tokenizer, self.ranks.cfg)
         sampling = Sampling.from_request(request)
         sampling.max_seq_len = None
         sampling.max_new_tokens = max(1, new_token_budget(request.sampling.max_new_tokens, len(ids),
                                                           context_limit(request, self.ranks.cfg)))
-        t_ids, t_px, sampling = self.ranks.send(ids, pixels if pixels is not None and pixels.shape[0] else None,
-                                                sampling)
+        return self.ranks.send(ids, pixels if pixels is not None and pixels.shape[0] else None, sampling)
+
+    def run(self, request: GenerationRequest) -> Iterator[Tuple[str, object]]:
+        """('piece', text) as tokens come, then ('done', GenerationResult)."""
+        from megatron_vita.inference.text import IncrementalDetokenizer, detokenize, finish_reason
+
+        t_ids, t_px, sampling = self._request(request)
         detok = IncrementalDetokenizer(self.tokenizer)
         tokens: List[int] = []
         for token in self.ranks.engine.steps(t_ids, t_px, sampling, self.stops):
@@ -189,7 +211,7 @@ class _Driver:
         if tail:
             yield "piece", tail
         yield "done", GenerationResult(detokenize(self.tokenizer, tokens), tokens, finish_reason(tokens, self.stops),
-                                       len(ids))
+                                       int(t_ids.shape[0]))
 
 
 def serve_rank(rank: int, world: int, cfg_dict, kind, path, par, dtype, prefill_chunk, tokenizer_dir, conn):
@@ -231,6 +253,13 @@ class MegatronGenerator:
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ConfigError([f"--prefill-chunk must be >= 1, got {prefill_chunk}"])
         cfg, kind, tok = resolve(checkpoint, par, tokenizer)
+        from megatron_vita.config.features import feature_problems, normalize
+        from megatron_vita.platform.backend import resolve_backend
+
+        features = tuple(dict.fromkeys(normalize(f) for f in features))
+        problems = feature_problems(resolve_backend(backend), features)
+        if problems:  # before any rank starts, one line per flag
+            raise ConfigError(problems)
         self.model_config, self.par, self._lock = cfg, par, threading.Lock()
         self._requests = 0
         self._closed = False
@@ -242,6 +271,9 @@ class MegatronGenerator:
                                 start_timeout)
 
     def _start_torchrun(self, cfg, kind, path, par, dtype, prefill_chunk, tok, backend, features):
+        """Every torchrun process builds its rank. Rank 0 drives; the others either call generate /
+        stream in lock-step with it (their request argument is ignored: rank 0's is answered, and
+        they return the same answer) or `follow()` until rank 0 closes (a server's other ranks)."""
         import torch.distributed as dist
 
         from megatron_vita import platform
@@ -253,11 +285,16 @@ class MegatronGenerator:
                                f"{par.model_parallel_size} (no data parallelism)"])
         self._ranks = _Ranks(cfg.to_dict(), kind, path, par, dtype, prefill_chunk)
         self._conn = None
-        if dist.get_rank() == 0:
-            self._driver = _Driver(self._ranks, tok)
-        else:
-            self.is_driver = False
+        self.is_driver = dist.get_rank() == 0
+        self._driver = _Driver(self._ranks, tok, leads=self.is_driver)
+
+    def follow(self) -> None:
+        """Torchrun ranks other than 0: answer rank 0's requests until it closes (then closed)."""
+        if self.is_driver:
+            raise RuntimeError("rank 0 drives the generator; follow() is for the other torchrun ranks")
+        if not self._closed:
             self._ranks.follow()
+            self._ranks.engine.close()
             self._closed = True
 
     def _start_spawned(self, cfg, kind, path, par, dtype, prefill_chunk, tok, backend, features, timeout):
@@ -298,8 +335,8 @@ class MegatronGenerator:
         problems = request.problems()
         if problems:
             raise ConfigError(problems)
-        if self._closed or not self.is_driver:
-            raise RuntimeError("this MegatronGenerator is closed (or not the driving rank)")
+        if self._closed:
+            raise RuntimeError("this MegatronGenerator is closed")
         with self._lock:
             if self._conn is None:
                 events, finished = self._driver.run(request), False
@@ -337,14 +374,17 @@ class MegatronGenerator:
                 yield payload
 
     def close(self) -> None:
-        """Stop the ranks (idempotent)."""
+        """Stop the ranks (idempotent). Under torchrun every rank calls it: rank 0's stops the
+        others', which return once they have answered what rank 0 sent before."""
         if self._closed:
             return
         self._closed = True
         if self._conn is None:
             if self.is_driver:
                 self._ranks.stop()
-                self._ranks.engine.close()
+            else:
+                self._ranks.follow()  # what rank 0 still sends, until its close
+            self._ranks.engine.close()
             return
         try:
             if self._thread.is_alive():

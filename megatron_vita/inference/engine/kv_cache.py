@@ -6,9 +6,12 @@ class) in `CachedAttention`; with no step planned it is the plain leaf (training
 with one it keeps this rank's keys / values (after RoPE, as SelfAttention hands them over) and
 attends over them. What a forward does is one `Step` shared by all layers:
 
-  local   CP 1. The step's keys are appended; the leaf attends the queries over the whole cache,
-          its causal mask aligned bottom-right (queries are the last positions), so one-shot
-          prefill, chunked prefill and decoding are the same call of the backend's own kernel.
+  local   CP 1. The step's keys are appended. One-shot prefill (or a first chunk) and decoding
+          call the leaf, i.e. the backend's kernel, over the whole cache (its causal mask aligned
+          bottom-right: queries are the last positions). A later prefill chunk attends over the
+          cache in key tiles instead (blocks.attention_forward_), because a kernel given a
+          [chunk, cache] mask (torch's SDPA on the CPU builds one) would make the chunk's memory
+          grow with the prompt again.
   ring    CP > 1, first prefill chunk (the cache is empty): the leaf's ring / Ulysses attention
           over the chunk as in training; afterwards each rank keeps the keys of the tokens it
           holds (the load-balanced chunks), padding excluded.
@@ -145,9 +148,29 @@ class CachedAttention(torch.nn.Module):
         self._store(kv, key, value, step)
         k, v, kpos = kv.view()
         if step.mode == "local":
-            # Queries are the last positions of the cache: the leaf aligns its causal mask bottom-right.
-            return self.inner(query, k, v, None, attn_mask_type=AttnMaskType.causal)
+            s = query.shape[0]
+            if s == 1 or s == k.shape[0]:
+                # Decoding or a first chunk: the leaf's kernel (its causal mask aligned bottom-right).
+                return self.inner(query, k, v, None, attn_mask_type=AttnMaskType.causal)
+            # A later prefill chunk: key tiles, so no [chunk, cache] score or mask is ever built.
+            out, _ = self._partial(query, step.positions, k, v, kpos, [Segment(0, s, 0, k.shape[0], causal=True)])
+            return self._to_leaf_output(out, query.dtype)
         return self._merged(query, k, v, kpos, step)
+
+    def _partial(self, query, qpos, k, v, kpos, segments):
+        """fp32 (out [b, hq, sq, d], lse [b, hq, sq]) of queries [sq, b, hq, d] over keys [n, b, hkv, d]."""
+        q = query.permute(1, 2, 0, 3)
+        out, lse = new_accumulator(q)
+        if k.shape[0]:
+            attention_forward_(out, lse, q, k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), segments, self.scale,
+                               qpos, kpos)
+        return out, lse
+
+    @staticmethod
+    def _to_leaf_output(out: torch.Tensor, dtype) -> torch.Tensor:
+        """[b, hq, s, d] fp32 -> the leaf's [s, b, hq*d] in `dtype`."""
+        out = out.to(dtype).permute(2, 0, 1, 3)
+        return out.reshape(out.shape[0], out.shape[1], -1)
 
     @staticmethod
     def _store(kv: LayerKV, key, value, step: Step) -> None:
@@ -173,22 +196,17 @@ class CachedAttention(torch.nn.Module):
             q_all, qpos = query, step.positions
             # A decoded token follows every cached key: no mask (and no positions to compare).
             segments = [Segment(0, s, 0, k.shape[0], causal=s > 1)]
-        q = q_all.permute(1, 2, 0, 3)  # [b, hq, sq, d]
-        out, lse = new_accumulator(q)
-        if k.shape[0]:
-            attention_forward_(out, lse, q, k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), segments, self.scale,
-                               qpos, kpos)
+        out, lse = self._partial(q_all, qpos, k, v, kpos, segments)
         outs = [torch.empty_like(out) for _ in range(size)]
         lses = [torch.empty_like(lse) for _ in range(size)]
         dist.all_gather(outs, out, group=group)
         dist.all_gather(lses, lse, group=group)
-        total, total_lse = new_accumulator(q)
+        total, total_lse = new_accumulator(out)
         for o, l in zip(outs, lses):  # every rank merges in the same order: identical results
             merge_(total, total_lse, o, l)
         if step.mode == "gather":
             total = total[:, :, rank * s:(rank + 1) * s]
-        total = total.to(query.dtype).permute(2, 0, 1, 3)  # [s, b, hq, d]
-        return total.reshape(total.shape[0], total.shape[1], -1)
+        return self._to_leaf_output(total, query.dtype)
 
 
 def install(chunks) -> KVCache:

@@ -140,8 +140,8 @@ class RankEngine:
 
         Each tile is encoded once per request: a tile with tokens at or past `end` (the chunk's
         end) stays cached for the next chunk; the others are dropped once used."""
-        if pixels is None or tile_pos is None or tile_pos.numel() == 0:
-            return None
+        if pixels is None or tile_pos is None or tile_pos.numel() == 0 or not self.chunks[0].pre_process:
+            return None  # only the first pipeline stage embeds
         local = torch.full((int(positions.max()) + 1,), -1, dtype=torch.long, device=self.device)
         local[positions] = torch.arange(positions.numel(), device=self.device)
         idx = local[tile_pos.clamp(max=local.numel() - 1)]
@@ -174,6 +174,7 @@ class RankEngine:
             tile_pos = context_token_indices(ids[None], self.cfg.tokens.context_ids, self.cfg.num_image_token,
                                              pixels.shape[0])[1]
         self._features.clear()
+        self.cache.reset(self.cache.reserved)  # the first chunk's ring mode starts from an empty cache
         size = chunk or self.prefill_chunk or P
         logits, owner = None, 0
         for a in range(0, P, size):
