@@ -228,13 +228,11 @@ def model_problems(args: argparse.Namespace) -> Tuple[Optional[str], Optional[st
 def check(args: argparse.Namespace):
     """(kind, request, tokenizer dir) after checking everything a model load does not need;
     ConfigError with one line per problem."""
-    from megatron_vita.inference.prompt import media_problems
+    from megatron_vita.inference.prompt import request_problems
 
     kind, tokenizer, problems = model_problems(args)
     request = build_request(args, problems)
-    problems += request.problems() + media_problems(request)
-    if args.max_fps <= 0:
-        problems.append(f"--max_fps must be > 0, got {args.max_fps}")
+    problems += request_problems(request)
     if problems:
         raise ConfigError(problems)
     return kind, request, tokenizer

@@ -56,6 +56,15 @@ def media_problems(request: GenerationRequest) -> List[str]:
     return out
 
 
+def request_problems(request: GenerationRequest) -> List[str]:
+    """Everything wrong with a request that needs no model: its values and tags
+    (GenerationRequest.problems), the frame rate cap, and media that are not there."""
+    out = request.problems()
+    if not request.max_fps > 0:
+        out.append(f"--max_fps must be > 0, got {request.max_fps}")
+    return out + media_problems(request)
+
+
 def tokenizer_problems(tokenizer, model_config, where: str = "the tokenizer") -> List[str]:
     """The tokenizer must give the special tokens the ids the model's config expects (a wrong
     tokenizer would place visual features at the wrong tokens without any error)."""
@@ -115,7 +124,7 @@ def build_prompt(request: GenerationRequest, tokenizer, model_config) -> Tuple[L
     from megatron_vita.data.loader import RecordEvaluator
     from megatron_vita.data.readers import normalize_record
 
-    problems = request.problems() + media_problems(request)
+    problems = request_problems(request)
     if problems:
         raise ConfigError(problems)
     record = _record(request)

@@ -247,7 +247,7 @@ def _refusals(argv, capsys):
 def test_cli_refuses_each_problem_in_one_line(tiny_model_dir, png_path, tmp_path, capsys):
     lines = _refusals(["--model_path", tiny_model_dir, "--question", "Compare <image> and <image>.",
                        "--image_path", png_path, str(tmp_path / "missing.png"), "--video_path", str(tmp_path / "v.mp4"),
-                       "--max_new_tokens", "0", "--top_p", "1.5", "--tp", "2", "--use-fused-rmsnorm",
+                       "--max_new_tokens", "0", "--top_p", "1.5", "--max_fps", "0", "--tp", "2", "--use-fused-rmsnorm",
                        "--history", str(tmp_path / "none.json")], capsys)
     prefix = "megatron-vita infer: error: "
     assert all(line.startswith(prefix) for line in lines), lines
@@ -255,6 +255,7 @@ def test_cli_refuses_each_problem_in_one_line(tiny_model_dir, png_path, tmp_path
         f"--history {tmp_path / 'none.json'}: no such file",
         "--max_new_tokens must be >= 1, got 0",
         "--top_p must be in (0, 1], got 1.5",
+        "--max_fps must be > 0, got 0.0",
         "0 <video> tags in the turns but 1 videos given",
         f"image {tmp_path / 'missing.png'}: no such file",
         f"video {tmp_path / 'v.mp4'}: no such file or frame directory",
