@@ -49,7 +49,8 @@ def media_problems(request: GenerationRequest) -> List[str]:
     out = []
     for path in request.images:
         if not os.path.isfile(path):
-            out.append(f"image {path}: {'is a directory, not an image file' if os.path.isdir(path) else 'no such file'}")
+            why = "is a directory, not an image file" if os.path.isdir(path) else "no such file"
+            out.append(f"image {path}: {why}")
     for path in request.videos:
         if not os.path.exists(path):
             out.append(f"video {path}: no such file or frame directory")

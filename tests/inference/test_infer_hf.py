@@ -266,7 +266,8 @@ def test_cli_refuses_each_problem_in_one_line(tiny_model_dir, png_path, tmp_path
     ])
     lines = _refusals(["--model_path", str(tmp_path), "--question", "Hi"], capsys)
     assert lines == [f"megatron-vita infer: error: --model_path {tmp_path}: neither a Hugging Face directory "
-                     "(config.json) nor a Megatron checkpoint (latest_checkpointed_iteration.txt or iter_* directories)"]
+                     "(config.json) nor a Megatron checkpoint (latest_checkpointed_iteration.txt or iter_* "
+                     "directories)"]
 
 
 def test_megatron_checkpoint_takes_the_tokenizer_training_recorded(tmp_path, tiny_model_dir, capsys):
