@@ -73,8 +73,11 @@ def extract_letter(output: str, options: Sequence[str]) -> str:
             return m.group(1).upper()
     for pattern in (_ANNOUNCED, _PAREN):
         for m in pattern.finditer(text):
-            if m.group(1).upper() in valid:
-                return m.group(1).upper()
+            letter = m.group(1)
+            if pattern is _ANNOUNCED and letter.islower() and re.match(r"\s+[A-Za-z]", text[m.end():]):
+                continue  # "the answer is a blue circle": an article, not option (a)
+            if letter.upper() in valid:
+                return letter.upper()
     by_text = _by_option_text(text, options)
     if by_text:
         return by_text

@@ -14,10 +14,10 @@ CASES = [
     # announced
     ("The answer is B", "B"), ("The answer is (C).", "C"), ("Answer: C", "C"), ("I think the answer is d.", "D"),
     ("option c", "C"), ("Best option:(B) blue circle", "B"), ("The correct answer is: D", "D"),
-    ("Answer: The answer is A", "A"), ("so the choice would be (B)", "B"),
+    ("Answer: The answer is A", "A"), ("so the choice would be (B)", "B"), ("The answer is a", "A"),
     # the option's text
     ("blue circle", "B"), ("It is the blue circle.", "B"), ("The green bar moving right", "C"), ("dark red", "D"),
-    ("Red square", "A"),
+    ("Red square", "A"), ("The answer is a blue circle", "B"),
     # a standalone letter somewhere
     ("The video shows B", "B"),
     # nothing
