@@ -4,23 +4,26 @@
         --output FILE [--nframe N] [--limit N] [--max_new_tokens N] [--max_seq_len N]
         [--tp N --pp N --cp N] [--tokenizer DIR] [kernel flags]
 
-Order of work: flags, then the annotations (a missing or malformed file is one line naming it),
-then the results file (another benchmark's or --nframe's is refused), then the model -- loaded
-only if a question is left to ask. Each answer is appended to --output as it comes (see
+Order of work: the flags and --model_path (checked as `infer` checks them, one line per
+problem), then the annotations (a missing or malformed file is one line naming it), then the
+results file (another benchmark's or --nframe's is refused), then the model -- loaded only if
+a question with a video is left to ask. Each answer is appended to --output as it comes (see
 results.py), so an interrupted run loses at most the question in flight; rerunning the same
-command resumes. stdout: the accuracy tables per group (Video-MME: duration, domain, task type,
-sub-category; MVBench: task; LongVideoBench: duration group, question category), then
-`eval: accuracy=<percent> n=<questions>` as the last line; the same numbers go to --summary
-(default: --output with `.summary.json`). Progress goes to stderr.
+command resumes. stdout carries only the accuracy tables per group (Video-MME: duration,
+domain, task type, sub-category; MVBench: task; LongVideoBench: duration group, question
+category) and, last, `eval: accuracy=<percent> n=<questions>`; the same numbers go to --summary
+(default: --output with `.summary.json`). Progress and whatever the model's libraries print go
+to stderr.
 
 Questions whose video is missing are recorded with an error, count as wrong in the accuracy
 (so a partial download cannot raise the score), are listed in the summary's `errors`, and are
 asked again on a rerun.
 
-The model directory picks the generator: an HF directory (config.json) runs transformers
-(`inference.hf_generator.HFGenerator`), a Megatron checkpoint (latest_checkpointed_iteration.txt
-or iter_XXXXXXX) runs the megatron-core engine (`inference.engine.MegatronGenerator`) on
---tp x --pp x --cp ranks; both are imported only when needed.
+The model directory picks the generator as in `infer` (inference/cli.py's make_generator): an
+HF directory (config.json) runs transformers (`HFGenerator`), a Megatron checkpoint
+(latest_checkpointed_iteration.txt or iter_XXXXXXX) runs the megatron-core engine
+(`MegatronGenerator`) on --tp x --pp x --cp spawned ranks, or on the torchrun processes: there
+every process runs this command, rank 0 asks and writes, the others follow its requests.
 """
 from __future__ import annotations
 
