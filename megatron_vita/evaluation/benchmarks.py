@@ -9,8 +9,9 @@ Layouts (the directory given as `--data`):
   zips unpack, `data/<videoID>.mp4`, or as VLMEvalKit re-extracts them, `video/<videoID>.mp4`
   (.MP4 / .mkv as lmms-eval also accepts).
 - MVBench (OpenGVLab/MVBench): `json/<task>.json`, each a list of {video, question, candidates,
-  answer (the candidate's text), [start, end]}; videos under `video/<source>/` by the task ->
-  source table of MVBench's own evaluation script (`MVBENCH_TASKS`); Episodic Reasoning's
+  answer (the candidate's text), [start, end]}; videos under `video/<source>/` (or
+  `video/data0613/<source>/`, as some zips unpack) by the task -> source table of MVBench's
+  own evaluation script (`MVBENCH_TASKS`); Episodic Reasoning's
   "videos" are directories of frames (tvqa/frames_fps3_hq).
 - LongVideoBench (longvideobench/LongVideoBench): `lvb_val.json`, a list of {id, video_id,
   question, candidates (or option0..option4, "N/A" when absent), correct_choice (an index),
@@ -161,8 +162,13 @@ def read_mvbench(root: str) -> List[Question]:
             candidates = [str(c) for c in e["candidates"]]
             if e["answer"] not in candidates:
                 raise ValueError(f"{where}: answer {e['answer']!r} is not one of its candidates")
-            video = os.path.join(root, "video", source, str(e["video"]))
-            exists = os.path.isdir(video) if kind == "frame" else os.path.isfile(video)
+            # As the zips unpack (video/<source>/...), or still under data0613/ where VLMEvalKit
+            # would move them from.
+            found = [p for p in (os.path.join(root, "video", source, str(e["video"])),
+                                 os.path.join(root, "video", "data0613", source, str(e["video"])))
+                     if (os.path.isdir(p) if kind == "frame" else os.path.isfile(p))]
+            video = found[0] if found else os.path.join(root, "video", source, str(e["video"]))
+            exists = bool(found)
             extra = {"source": source}
             if bounded and "start" in e and "end" in e:
                 extra.update(start=e["start"], end=e["end"])

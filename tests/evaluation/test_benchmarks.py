@@ -92,6 +92,12 @@ def test_mvbench_as_released(tmp_path, videos):
     ep = by_id["episodic_reasoning/0"]
     assert os.path.isdir(ep.video) and ep.missing is None and ep.extra["start"] == 1.5
     assert by_id["action_sequence/0"].extra == {"source": "star/Charades_v1_480", "start": 1.5, "end": 9.0}
+    # Some zips unpack under video/data0613/<source>/.
+    moved = os.path.join(root, "video", "data0613", "perception", "videos", "action_count_1.mp4")
+    os.makedirs(os.path.dirname(moved))
+    os.symlink(videos[1], moved)
+    q = {q.question_id: q for q in read_benchmark("mvbench", root)}["action_count/1"]
+    assert q.missing is None and q.video == moved
 
 
 def test_mvbench_bad_annotations(tmp_path, videos):
