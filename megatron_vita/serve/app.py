@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Dict, List, Optional
@@ -28,6 +29,8 @@ from megatron_vita.serve.media import RequestMedia
 from megatron_vita.serve.openai_protocol import Completion, parse_chat_request
 from megatron_vita.serve.scheduler import Job, Scheduler
 from megatron_vita.serve.settings import ApiError, ServeSettings
+
+log = logging.getLogger("megatron_vita.serve")
 
 # An oversize body is still read (and dropped) up to this many times the limit, so the client
 # gets its 413 instead of a connection reset mid-upload; beyond it the connection is closed.
@@ -110,6 +113,11 @@ def create_app(generator, settings: ServeSettings) -> FastAPI:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
         return error_response(e)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:

@@ -7,8 +7,8 @@ checkpoint -> the megatron-core engine's MegatronGenerator on TP*PP*CP ranks, wi
 its training recorded unless `--tokenizer` is given), so both commands load a model the same way.
 
 The listening socket is bound before the model loads: a taken port fails at once, in one line.
-Under torchrun only rank 0 serves HTTP; the engine keeps the other ranks following rank 0's
-requests, so on them this command builds the generator and returns once it is closed.
+Under torchrun only rank 0 serves HTTP; the other ranks build their part of the model and
+`follow()` rank 0's requests (MegatronGenerator) until rank 0 closes the generator.
 """
 from __future__ import annotations
 
@@ -176,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if leader:
             serve(generator, settings, sock, args.log_level)
+        else:  # a torchrun rank other than 0: answer rank 0's requests until it closes
+            generator.follow()
     finally:
         close = getattr(generator, "close", None)
         if close is not None:

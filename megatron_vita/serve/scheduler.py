@@ -78,9 +78,9 @@ class Scheduler:
 
     def stats(self) -> Dict[str, Any]:
         with self._lock:
-            held, running = self._held, self._running
+            held, running, counts = self._held, self._running, dict(self.counts)
         return {"running": int(running), "waiting": held - int(running), "max_concurrency": self.max_concurrency,
-                **self.counts}
+                **counts}
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the worker after the job it runs (waiting jobs are cancelled)."""

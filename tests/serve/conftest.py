@@ -1,6 +1,6 @@
 """Fixtures of the server tests: the inference tests' tiny HF model and real PNG / MP4
 (tests/inference/conftest.py, loaded from there rather than copied), one HFGenerator over the
-tiny model for the whole module, the directory the server's request media go to, and a
+tiny model for the whole session, the directory the server's request media go to, and a
 --media-root (servers: serve_testlib.start_server)."""
 import importlib.util
 import os
@@ -19,7 +19,7 @@ png_path = _inference.png_path
 mp4_path = _inference.mp4_path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def generator(tiny_model_dir):
     from megatron_vita.inference.hf_generator import HFGenerator
 
