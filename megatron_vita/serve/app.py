@@ -153,16 +153,18 @@ def create_app(generator, settings: ServeSettings) -> FastAPI:
         finally:
             media.release()
         completion = Completion(settings.model_name)
-        if stream:
-            return StreamingResponse(_sse(job, completion, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        # The first event decides the status: a prompt the Generator refuses (too long for
+        # --max-seq-len, ...) is a 4xx for a stream too, not an error chunk after a 200.
         try:
-            kind, value = await next_event(job, request)
+            first = await next_event(job, request)
         except ClientGone:
             return Response(status_code=499)
-        if kind == "error":
-            return error_response(generation_error(value))
-        return JSONResponse(completion.answer(value))
+        if first[0] == "error":
+            return error_response(generation_error(first[1]))
+        if stream:
+            return StreamingResponse(_sse(job, completion, include_usage, first), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return JSONResponse(completion.answer(first[1]))
 
     @app.put("/api")
     async def legacy_api(request: Request):
@@ -209,17 +211,18 @@ def _data(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _sse(job: Job, completion: Completion, include_usage: bool) -> AsyncIterator[str]:
-    """OpenAI's chunk stream: the role, one chunk per text piece, the finish reason, optionally
-    the usage, then `[DONE]`. A client that leaves cancels the job (Starlette cancels this
-    iterator when it sees the disconnect)."""
+async def _sse(job: Job, completion: Completion, include_usage: bool, first: tuple) -> AsyncIterator[str]:
+    """OpenAI's chunk stream from the job's `first` event on: the role, one chunk per text piece,
+    the finish reason, optionally the usage, then `[DONE]`. A client that leaves cancels the job
+    (Starlette cancels this iterator when it sees the disconnect)."""
     try:
         yield _data(completion.chunk({"role": "assistant", "content": ""}))
+        kind, value = first
         while True:
-            kind, value = await job.events.get()
             if kind == "piece":
                 if value:
                     yield _data(completion.chunk({"content": value}))
+                kind, value = await job.events.get()
                 continue
             if kind == "error":
                 yield _data(generation_error(value).body())

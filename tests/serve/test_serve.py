@@ -266,3 +266,19 @@ def test_remote_media_only_with_the_flag(generator, media_root, serve_tmp):
     finally:
         srv.stop()
         files.shutdown()
+
+
+def test_a_prompt_the_generator_refuses_is_a_4xx_streamed_or_not(generator):
+    """A prompt longer than --max-seq-len allows is refused by the prompt builder: 400 with its
+    reason before any chunk, for a stream too (not an error event after a 200)."""
+    srv = start_server(generator, model_name=MODEL, max_seq_len=8)
+    try:
+        client = srv.client()
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError, match="--max_seq_len 8"):
+                answer = client.chat.completions.create(model=MODEL, max_tokens=2, messages=user(text_part()),
+                                                        stream=stream)
+                list(answer) if stream else None
+        assert httpx.get(f"{srv.url}/health").json()["failed"] == 2
+    finally:
+        srv.stop()
