@@ -42,8 +42,19 @@ def _eval(capfd, root, model, out, *extra):
     return code, captured.out.splitlines(), captured.err
 
 
+def _records(path):
+    """The complete lines of a results file (a killed run may leave a torn last line)."""
+    out = []
+    for line in open(path, encoding="utf-8"):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
 def _latest(path):
-    return {r["question_id"]: r for r in read_jsonl(path)}
+    return {r["question_id"]: r for r in _records(path)}
 
 
 def _accuracy(path, key):
@@ -143,3 +154,66 @@ def test_one_line_errors(tmp_path, capfd, calls, letter_model_dir, videos):
     assert code == 1 and err.strip().splitlines() == [
         "megatron-vita eval: error: --nframe must be >= 1, got 0",
         f"megatron-vita eval: error: --model_path {tmp_path}/nowhere: no such directory"]
+
+
+def test_unreadable_video_is_recorded_not_fatal(tmp_path, capfd, calls, letter_model_dir, videos):
+    rows = videomme_rows(n_videos=2, per_video=1)
+    root = str(tmp_path / "Video-MME")
+    os.makedirs(os.path.join(root, "data"))
+    with open(os.path.join(root, "data", "vid1.mp4"), "wb") as f:
+        f.write(b"not a video")  # a broken download
+    write_videomme(root, rows, videos)
+    out = str(tmp_path / "r.jsonl")
+    code, lines, _ = _eval(capfd, root, letter_model_dir, out)
+    assert code == 0 and len(calls) == 2
+    latest = _latest(out)
+    assert latest["002-1"]["error"].startswith("MediaError: cannot read video") and "vid1.mp4" in latest["002-1"]["error"]
+    assert latest["001-1"]["prediction"] in "ABCD" and not latest["001-1"].get("error")
+    acc, n = _parse_last(lines)
+    assert n == 2 and acc == (50.0 if latest["001-1"]["prediction"] == rows[0]["answer"] else 0.0)
+    assert "errors 1" in lines[-2]
+
+
+@pytest.mark.timeout(180)
+def test_killed_run_resumes_without_asking_again(tmp_path, capfd, calls, letter_model_dir, videos):
+    rows = videomme_rows(n_videos=4, per_video=3)  # 12: time enough to kill mid-run
+    root = write_videomme(str(tmp_path / "Video-MME"), rows, videos)
+    out = str(tmp_path / "videomme.jsonl")
+    cmd = [sys.executable, "-m", "megatron_vita", "eval", "--backend", "cpu", "--benchmark", "video-mme", "--data",
+           root, "--model_path", letter_model_dir, "--output", out, "--nframe", "4", "--max_new_tokens", "1"]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    with open(tmp_path / "first.err", "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=str(tmp_path))
+        try:
+            deadline = time.time() + 150
+            while time.time() < deadline and proc.poll() is None:
+                if os.path.exists(out) and open(out, "rb").read().count(b"\n") >= 1:
+                    break
+                time.sleep(0.02)
+            assert proc.poll() is None, "the run ended before it could be killed: " + open(tmp_path / "first.err").read()
+            os.kill(proc.pid, signal.SIGKILL)  # kill -9 while it answers
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    before = [line for line in open(out, encoding="utf-8").read().split("\n") if line.strip()]
+    complete = []
+    for line in before:
+        try:
+            complete.append(json.loads(line)["question_id"])
+        except json.JSONDecodeError:
+            pass  # the line being written when the kill came
+    assert 1 <= len(complete) < 12
+
+    code, lines, err = _eval(capfd, root, letter_model_dir, out)
+    assert code == 0
+    assert f"{len(complete)} of 12 questions already answered" in err
+    # Only the questions without a complete answer were asked again.
+    assert len(calls) == 12 - len(complete)
+    records = _records(out)
+    assert sorted(r["question_id"] for r in records) == sorted(r["question_id"] for r in rows)
+    assert [r["question_id"] for r in records[:len(complete)]] == complete
+    acc, n = _parse_last(lines)
+    assert n == 12 and acc == pytest.approx(_accuracy(out, {r["question_id"]: r["answer"] for r in rows}), abs=0.005)
+
