@@ -1,18 +1,20 @@
 """`megatron-vita serve` as a command: every bad flag is one line before any model loads, a taken
-port fails at once, and the command really serves the tiny model (a subprocess answered by the
-openai client, stopped with SIGINT)."""
+port fails at once, and the command really serves (examples/cpu/serve.sh on the tiny model, a
+subprocess answered by the openai client, stopped with SIGINT)."""
 import os
 import re
 import signal
 import socket
 import subprocess
-import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from megatron_vita.cli import main
 from megatron_vita.inference.api import SamplingParams, single_turn
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _errors(capsys):
@@ -52,14 +54,16 @@ def test_a_taken_port_fails_in_one_line_before_loading(tiny_model_dir, capsys):
 
 
 @pytest.mark.timeout(120)
-def test_the_command_serves_until_interrupted(tiny_model_dir, generator, tmp_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_vita", "--backend", "cpu", "serve", "--model_path",
-                             tiny_model_dir, "--port", "0", "--max-tokens", "8", "--served-model-name", "tiny",
+def test_the_cpu_example_serves_until_interrupted(tiny_model_dir, generator, tmp_path):
+    """examples/cpu/serve.sh (as a user runs it, on the tiny model instead of the demo's) starts
+    the command, which answers the openai client like the in-process HFGenerator."""
+    (tmp_path / "data").mkdir()  # the script's --media-root: $DEMO/data
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DEMO": str(tmp_path), "MODEL": tiny_model_dir, "PORT": "0"}
+    proc = subprocess.Popen(["bash", str(REPO / "examples/cpu/serve.sh"), "--served-model-name", "tiny",
                              "--log-level", "warning"], stderr=subprocess.PIPE, text=True, env=env)
     try:
         url = None
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 100
         seen = []
         while url is None and time.monotonic() < deadline:
             line = proc.stderr.readline()
@@ -72,11 +76,12 @@ def test_the_command_serves_until_interrupted(tiny_model_dir, generator, tmp_pat
         from openai import OpenAI
 
         client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
-        answer = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Describe the video."}])
-        ref = generator.generate(single_turn("Describe the video.", sampling=SamplingParams(max_new_tokens=8)))
-        assert answer.choices[0].message.content == ref.text  # --max-tokens is the default answer length
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(30) == 130  # uvicorn stops, then re-raises the SIGINT: "megatron-vita: interrupted"
+        answer = client.chat.completions.create(model="tiny", max_tokens=4,
+                                                messages=[{"role": "user", "content": "Describe the video."}])
+        ref = generator.generate(single_turn("Describe the video.", sampling=SamplingParams(max_new_tokens=4)))
+        assert answer.choices[0].message.content == ref.text
+        proc.send_signal(signal.SIGINT)  # uvicorn stops, then re-raises it: "megatron-vita: interrupted"
+        assert proc.wait(30) == 130
     finally:
         if proc.poll() is None:
             proc.kill()
