@@ -215,24 +215,29 @@ def _infer(*argv, timeout=120):
 
 
 @pytest.mark.timeout(300)
-def test_cli_answers_image_video_and_text(generator, tiny_model_dir, png_path, mp4_path, tmp_path):
-    """stdout is exactly the answer (and a newline), the same as HFGenerator's for the same request."""
-    image_video = single_turn(QUESTION, images=[png_path], videos=[mp4_path], max_num_frame=2,
-                              sampling=SamplingParams(max_new_tokens=6))
-    run = _infer("--model_path", tiny_model_dir, "--image_path", png_path, "--video_path", mp4_path,
-                 "--question", QUESTION, "--max_num_frame", "2", "--max_new_tokens", "6")
-    assert run.returncode == 0, run.stderr
-    assert run.stdout == generator.generate(image_video).text + "\n"
-    assert "Loading weights" in run.stderr or "[infer]" in run.stderr
-    # Text with a history file, streamed.
+def test_cli_answers_from_the_hf_path(generator, tiny_model_dir, png_path, mp4_path, tmp_path, capfd):
+    """stdout is exactly the answer (and a newline), the same as HFGenerator's for the same request:
+    a subprocess with an image, a video and a chat history, streamed; then text only, run in this
+    process (the answer still reaches file descriptor 1 alone: capfd reads the descriptors)."""
+    from megatron_vita.cli import main
+
     history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hello, how are you today?"}]
     (tmp_path / "chat.json").write_text(json.dumps(history))
     request = GenerationRequest([Turn("user", "Hello"), Turn("assistant", "Hello, how are you today?"),
-                                 Turn("user", "Describe the video.")], sampling=SamplingParams(max_new_tokens=10))
-    run = _infer("--model_path", tiny_model_dir, "--history", str(tmp_path / "chat.json"),
-                 "--question", "Describe the video.", "--max_new_tokens", "10", "--stream")
+                                 Turn("user", f"<video><image>\n{QUESTION}")], images=[png_path], videos=[mp4_path],
+                                max_num_frame=2, sampling=SamplingParams(max_new_tokens=6))
+    run = _infer("--model_path", tiny_model_dir, "--history", str(tmp_path / "chat.json"), "--image_path", png_path,
+                 "--video_path", mp4_path, "--question", QUESTION, "--max_num_frame", "2", "--max_new_tokens", "6",
+                 "--stream")
     assert run.returncode == 0, run.stderr
     assert run.stdout == generator.generate(request).text + "\n"
+    assert "[infer] hf path" in run.stderr
+    text = single_turn("Describe the video.", sampling=SamplingParams(max_new_tokens=10))
+    capfd.readouterr()
+    assert main(["infer", "--backend", "cpu", "--model_path", tiny_model_dir, "--question", "Describe the video.",
+                 "--max_new_tokens", "10"]) == 0
+    out = capfd.readouterr()
+    assert out.out == generator.generate(text).text + "\n" and "prompt tokens" in out.err
 
 
 def _refusals(argv, capsys):
