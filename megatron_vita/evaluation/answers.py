@@ -30,8 +30,8 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _PREFIXES = ("the best answer is", "the correct answer is", "the answer is", "the best option is",
              "the correct option is", "best answer:", "best option:", "correct answer:", "my answer is",
              "answer:", "option:")
-_ANNOUNCED = re.compile(r"\b(?:answer|option|choice)\s*(?:is|would be|:)?\s*[:\-]?\s*[\(\[]?([A-Za-z])[\)\]]?(?![A-Za-z])",
-                        re.IGNORECASE)
+_ANNOUNCED = re.compile(r"\b(?:answer|option|choice)\s*(?:is|would be|:)?\s*[:\-]?\s*"
+                        r"[\(\[]?([A-Za-z])[\)\]]?(?![A-Za-z])", re.IGNORECASE)
 _PAREN = re.compile(r"[\(\[]([A-Za-z])[\)\]]")
 _LEADING = re.compile(r"^[\s\"'*`]*[\(\[]?([A-Za-z])(?:[\)\]](?:[\s.:,;!]|$)|[.:,;!](?:\s|$)|\s*$)")
 _STANDALONE = re.compile(r"(?<![A-Za-z0-9'])([A-Z])(?![A-Za-z0-9'])")

@@ -28,6 +28,7 @@ from megatron_vita.inference.api import IMAGE_TAG, VIDEO_TAG, GenerationRequest,
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".webm", ".mov", ".m4v", ".flv", ".gif", ".mpg", ".mpeg", ".wmv")
 _MCQ_SELECT = "Please select the correct answer from the options above."
+_MMMU_SUFFIX = "Answer with the option's letter from the given choices directly."
 
 
 def vlmevalkit_text(message: Sequence[Dict], dataset: Optional[str] = None,
@@ -50,7 +51,7 @@ def vlmevalkit_text(message: Sequence[Dict], dataset: Optional[str] = None,
     if dataset == "OCRBench":
         text += "\nAnswer this question using the text in the image directly without any other context."
     elif dataset in ("MMMU_DEV_VAL", "MMMU_TEST", "MMStar"):
-        text = text.replace(_MCQ_SELECT, "").strip() + "\n" + "Answer with the option's letter from the given choices directly."
+        text = text.replace(_MCQ_SELECT, "").strip() + "\n" + _MMMU_SUFFIX
     elif dataset == "MVBench":
         text = text.replace("Only give the best option.Best option:(", "") + "Answer with the letter."
     elif dataset == "MMVet":
@@ -179,7 +180,8 @@ class HarnessModel:
         self._open = dict(tp=_int_or_none(tp), pp=_int_or_none(pp), vpp=_int_or_none(vpp), cp=_int_or_none(cp),
                           cp_algo=cp_algo, ulysses_degree_in_cp=_int_or_none(ulysses_degree_in_cp),
                           prefill_chunk=_int_or_none(prefill_chunk), tokenizer=tokenizer, dtype=dtype,
-                          backend=backend, features=tuple(features.split("+") if isinstance(features, str) else features))
+                          backend=backend,
+                          features=tuple(features.split("+") if isinstance(features, str) else features))
         self._generator = generator
 
     @property
