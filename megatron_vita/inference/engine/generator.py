@@ -176,7 +176,7 @@ class _Driver:
         self.tokenizer = load_tokenizer(tokenizer_dir)
         self.stops = stop_token_ids(ranks.cfg)
 
-    def _request(self, request: GenerationRequest):
+    def prepare(self, request: GenerationRequest):
         """(prompt length, ids, pixels, sampling) on every rank; the leader's prompt problems raise
         before anything is broadcast, so the other ranks never see a bad request."""
         from megatron_vita.inference.engine.sampling import Sampling
@@ -197,9 +197,13 @@ class _Driver:
 
     def run(self, request: GenerationRequest) -> Iterator[Tuple[str, object]]:
         """('piece', text) as tokens come, then ('done', GenerationResult)."""
+        return self.answer(self.prepare(request))
+
+    def answer(self, prepared) -> Iterator[Tuple[str, object]]:
+        """The events of a request every rank has received (`prepare`)."""
         from megatron_vita.inference.text import IncrementalDetokenizer, detokenize, finish_reason
 
-        t_ids, t_px, sampling = self._request(request)
+        t_ids, t_px, sampling = prepared
         detok = IncrementalDetokenizer(self.tokenizer)
         tokens: List[int] = []
         for token in self.ranks.engine.steps(t_ids, t_px, sampling, self.stops):
@@ -235,10 +239,14 @@ def serve_rank(rank: int, world: int, cfg_dict, kind, path, par, dtype, prefill_
                 return None
             _, req_id, request = msg
             try:
-                for kind_, payload in driver.run(request):
-                    conn.send((kind_, req_id, payload))
+                prepared = driver.prepare(request)
             except (ValueError, FileNotFoundError, RuntimeError) as e:
+                # Nothing was broadcast: the request is refused and the ranks keep serving. An
+                # error after the broadcast is not caught: the ranks are out of step, the run ends.
                 conn.send(("error", req_id, str(e)))
+                continue
+            for kind_, payload in driver.answer(prepared):
+                conn.send((kind_, req_id, payload))
     finally:
         ranks.engine.close()
 
