@@ -18,10 +18,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "emulation"))
+EMULATION = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "emulation")
+# The emulation as `torch_npu` and its fusion_attention module, set by the fixture below: only while
+# this module's tests run, so no other test (e.g. backend auto-detection) sees a torch_npu.
+torch_npu = emu = None
 
-import torch_npu  # noqa: E402  (the emulation, from tests/emulation)
-from torch_npu import fusion_attention as emu  # noqa: E402
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_npu_emulation():
+    global torch_npu, emu
+    sys.path.insert(0, EMULATION)
+    import torch_npu as module
+    from torch_npu import fusion_attention
+
+    assert module.IS_EMULATION is True
+    torch_npu, emu = module, fusion_attention
+    yield
+    sys.path.remove(EMULATION)
+    for name in [m for m in sys.modules if m == "torch_npu" or m.startswith("torch_npu.")]:
+        del sys.modules[name]
+    torch_npu = emu = None
 
 TOL = 1e-5
 D = 8
