@@ -14,11 +14,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 from typing import List, Optional, Tuple
 
 from megatron_vita.serve.settings import DEFAULT_MAX_FRAMES, DEFAULT_MAX_TOKENS, ServeSettings
+
+
+# On Ctrl-C / SIGTERM the answers being generated may finish for this long (a second Ctrl-C
+# stops at once); then their connections are closed.
+GRACEFUL_SHUTDOWN_S = 30
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -149,7 +155,8 @@ def serve(generator, settings: ServeSettings, sock: socket.socket, log_level: st
 
     from megatron_vita.serve.app import create_app
 
-    config = uvicorn.Config(create_app(generator, settings), log_level=log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(create_app(generator, settings), log_level=log_level,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     host, port = sock.getsockname()[:2]
     print(f"serve: {settings.model_name} on http://{host}:{port}/v1 (and PUT /api for the original "
           "Long-VITA client)", file=sys.stderr, flush=True)
@@ -177,6 +184,10 @@ def run(args: argparse.Namespace) -> int:
         if leader:
             serve(generator, settings, sock, args.log_level)
         else:  # a torchrun rank other than 0: answer rank 0's requests until it closes
+            # The Ctrl-C / SIGTERM that torchrun passes to every process is rank 0's to act on:
+            # a follower that left now would leave rank 0's close() broadcasting to nobody.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
             generator.follow()
     finally:
         close = getattr(generator, "close", None)
