@@ -197,13 +197,13 @@ class CachedAttention(torch.nn.Module):
             # A decoded token follows every cached key: no mask (and no positions to compare).
             segments = [Segment(0, s, 0, k.shape[0], causal=s > 1)]
         out, lse = self._partial(q_all, qpos, k, v, kpos, segments)
-        outs = [torch.empty_like(out) for _ in range(size)]
-        lses = [torch.empty_like(lse) for _ in range(size)]
-        dist.all_gather(outs, out, group=group)
-        dist.all_gather(lses, lse, group=group)
+        # [out | lse] in one message: a decoding step costs one all-gather per layer.
+        packed = torch.cat([out, lse.unsqueeze(-1)], dim=-1)
+        parts = [torch.empty_like(packed) for _ in range(size)]
+        dist.all_gather(parts, packed, group=group)
         total, total_lse = new_accumulator(out)
-        for o, l in zip(outs, lses):  # every rank merges in the same order: identical results
-            merge_(total, total_lse, o, l)
+        for part in parts:  # every rank merges in the same order: identical results
+            merge_(total, total_lse, part[..., :-1], part[..., -1])
         if step.mode == "gather":
             total = total[:, :, rank * s:(rank + 1) * s]
         return self._to_leaf_output(total, query.dtype)
