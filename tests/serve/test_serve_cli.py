@@ -145,7 +145,7 @@ def test_torchrun_rank0_serves_the_others_follow(tiny_model_dir, generator, tmp_
 
         assert ask(4) == want(4)
         in_flight = {}
-        asker = threading.Thread(target=lambda: in_flight.update(answer=ask(48)), daemon=True)
+        asker = threading.Thread(target=lambda: in_flight.update(answer=ask(32)), daemon=True)
         asker.start()
         health = url[: -len("/v1")] + "/health"
         deadline = time.monotonic() + 60
@@ -154,7 +154,7 @@ def test_torchrun_rank0_serves_the_others_follow(tiny_model_dir, generator, tmp_
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal: torchrun and both ranks get it
         asker.join(90)
-        assert in_flight.get("answer") == want(48)
+        assert in_flight.get("answer") == want(32)
         proc.wait(60)
         deadline = time.monotonic() + 30
         while _group_alive(proc.pid):
