@@ -36,7 +36,10 @@ def parse_legacy_request(body: Any, settings: ServeSettings, media: RequestMedia
         raise ApiError(400, "prompts is empty", param="prompts", code="invalid_value")
     if len(prompts) > MAX_PROMPTS:
         raise ApiError(400, f"Maximum number of prompts is {MAX_PROMPTS}", param="prompts", code="invalid_value")
-    chats = [_chat(prompts)] if all(isinstance(p, dict) for p in prompts) else [_question(i, p) for i, p in enumerate(prompts)]
+    if all(isinstance(p, dict) for p in prompts):
+        chats = [_chat(prompts)]  # one conversation as {role, content} messages
+    else:
+        chats = [_question(i, p) for i, p in enumerate(prompts)]
 
     tokens = body.get("tokens_to_generate", LEGACY_DEFAULT_TOKENS)
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:

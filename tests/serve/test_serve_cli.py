@@ -141,7 +141,8 @@ def test_torchrun_rank0_serves_the_others_follow(tiny_model_dir, generator, tmp_
                 {"role": "user", "content": "Describe the video."}]).choices[0].message.content
 
         def want(tokens):
-            return generator.generate(single_turn("Describe the video.", sampling=SamplingParams(max_new_tokens=tokens))).text
+            request = single_turn("Describe the video.", sampling=SamplingParams(max_new_tokens=tokens))
+            return generator.generate(request).text
 
         assert ask(4) == want(4)
         in_flight = {}

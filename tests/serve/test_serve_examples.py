@@ -35,7 +35,8 @@ def test_cluster_scripts_serve_the_released_layout(tmp_path, kind, backend):
     assert command[:2] == ["megatron_vita", "serve"]
     args = build_parser("serve").parse_args(command[1:])
     assert (args.tp, args.cp, args.cp_algo, args.max_seq_len, args.max_frames) == (8, 4, "ring", 1 << 20, 4096)
-    assert (args.backend, args.host, args.port, args.media_root, args.dtype) == (backend, "0.0.0.0", 5001, "/data", "bf16")
+    assert (args.backend, args.host, args.port, args.media_root, args.dtype) == \
+        (backend, "0.0.0.0", 5001, "/data", "bf16")
     if kind == "npu":  # MindSpeed's kernels on, as the training scripts run them
         assert args.use_flash_attn and args.use_fused_rmsnorm and args.use_fused_swiglu
     assert argv[argv.index("--nproc_per_node") + 1] == ("16" if kind == "npu" else "8")
