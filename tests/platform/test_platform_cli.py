@@ -149,7 +149,9 @@ REGISTRATION_PROBE = textwrap.dedent("""
     from transformers import AutoConfig, AutoModelForCausalLM
     config = AutoConfig.from_pretrained(sys.argv[1])
     model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
-    watchers = [type(f).__name__ for f in sys.meta_path if type(f).__module__.startswith("megatron_vita")]
+    # The Auto-class watcher removes itself once it registered (megatron_import's finder waits
+    # for megatron-core, which this process never imports).
+    watchers = [type(f).__name__ for f in sys.meta_path if type(f).__module__ == "megatron_vita.hf"]
     print(json.dumps({"light": light, "config": type(config).__name__, "model": type(model).__name__,
                       "watchers": watchers}))
 """)

@@ -11,7 +11,7 @@ import torch
 
 from megatron_vita.platform import DistributedRunError, spawn
 
-HANG_TIMEOUT = 20
+HANG_TIMEOUT = 10
 
 
 def _all_reduce_rank(rank, world_size, offset):
