@@ -124,4 +124,7 @@ class Generator(Protocol):
         """The whole answer."""
 
     def stream(self, request: GenerationRequest) -> Iterator[str]:
-        """The answer as text pieces, as they are decoded; joined they equal generate().text."""
+        """The answer as text pieces, as they are decoded; joined they equal generate().text.
+        Exhausted, the iterator returns (StopIteration.value) the GenerationResult generate()
+        would give, so a caller that streams also gets the finish reason and token counts, and
+        closing it early stops the generation (the server cancels that way)."""

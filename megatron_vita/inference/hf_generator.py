@@ -195,6 +195,10 @@ class HFGenerator:
                 rest = detok.finish()
                 if rest:
                     yield rest
+                tokens = list(detok.ids)
+                # The exhausted stream's value (StopIteration.value): the same result generate() gives.
+                return GenerationResult(detokenize(self.tokenizer, tokens), tokens, finish_reason(tokens, self.stops),
+                                        len(ids))
             finally:
                 cancelled.set()  # a consumer that stopped early ends the generation at the next token
                 worker.join()

@@ -120,12 +120,8 @@ class Scheduler:
                 self._finish(job, outcome)
 
     def _run(self, job: Job) -> str:
-        if not job.stream:
-            result = self.generator.generate(job.request)
-            if job.cancelled.is_set():
-                return "cancelled"
-            job._post("done", result)
-            return "completed"
+        """Streams every answer, so that a client that leaves stops its generation at the next
+        piece, streaming or not; a non-streaming client gets only the result at the end."""
         pieces = self.generator.stream(job.request)
         result: Optional[GenerationResult] = None
         try:
@@ -135,15 +131,18 @@ class Scheduler:
                 try:
                     piece = next(pieces)
                 except StopIteration as stop:
-                    # A Generator whose stream() returns its GenerationResult gives the finish
-                    # reason and token counts of a streamed answer too.
+                    # The exhausted stream's value: the finish reason and token counts (api.Generator).
                     result = stop.value if isinstance(stop.value, GenerationResult) else None
                     break
-                job._post("piece", piece)
+                if job.stream:
+                    job._post("piece", piece)
         finally:
             close = getattr(pieces, "close", None)
             if close is not None:
                 close()
+        if result is None and not job.stream:
+            # A Generator whose stream() returns nothing: its answer again, from generate().
+            result = self.generator.generate(job.request)
         job._post("done", result)
         return "completed"
 

@@ -162,8 +162,15 @@ def test_stream_joins_to_the_answer(generator, mp4_path):
     for request in (single_turn("Describe the video.", videos=[mp4_path], sampling=SamplingParams(max_new_tokens=12)),
                     single_turn("Hello", sampling=sampled)):
         result = generator.generate(request)
-        pieces = list(generator.stream(request))
+        stream, pieces = generator.stream(request), []
+        while True:
+            try:
+                pieces.append(next(stream))
+            except StopIteration as done:
+                streamed = done.value  # the exhausted stream returns generate()'s result
+                break
         assert len(pieces) >= 2 and "".join(pieces) == result.text
+        assert streamed == result, (streamed, result)
     # A seed makes sampling repeatable; another seed samples something else.
     again = generator.generate(single_turn("Hello", sampling=sampled))
     other = generator.generate(single_turn("Hello", sampling=SamplingParams(**{**vars(sampled), "seed": 8})))

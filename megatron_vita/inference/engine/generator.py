@@ -380,6 +380,8 @@ class MegatronGenerator:
         for kind, payload in self._events(request):
             if kind == "piece":
                 yield payload
+            elif kind == "done":
+                return payload  # the exhausted stream's value: the result generate() gives
 
     def close(self) -> None:
         """Stop the ranks (idempotent). Under torchrun every rank calls it: rank 0's stops the
