@@ -90,47 +90,10 @@ def flag_problems(args) -> List[str]:
 
 def model_problems(args) -> Tuple[Optional[str], Optional[str], List[str]]:
     """(kind, tokenizer dir, problems) of --model_path and the flags that go with it, checked as
-    `infer` checks them (inference/cli.py: its model_kind, hf_dir_problems, recorded_tokenizer),
-    before any model loads."""
-    from megatron_vita.config.features import enabled_features
-    from megatron_vita.inference.cli import _MEGATRON_FLAGS, model_kind, recorded_tokenizer
-    from megatron_vita.inference.hf_generator import hf_dir_problems
+    `infer` checks them, before any model loads."""
+    from megatron_vita.inference.cli import model_problems as infer_model_problems
 
-    kind, tokenizer, problems = model_kind(args.model_path), args.tokenizer, []
-    if kind is None:
-        problems.append(f"--model_path {args.model_path}: " + (
-            "no such directory" if not os.path.isdir(args.model_path) else
-            "neither a Hugging Face directory (config.json) nor a Megatron checkpoint "
-            "(latest_checkpointed_iteration.txt or iter_* directories)"))
-    elif kind == "hf":
-        problems += hf_dir_problems(args.model_path, args.tokenizer)
-        for dest, flag in _MEGATRON_FLAGS.items():
-            if getattr(args, dest, None) is not None:
-                problems.append(f"{flag} applies to a Megatron checkpoint; {args.model_path} is an HF directory "
-                                "(transformers runs it in this process; megatron-vita convert makes a Megatron one)")
-        for name in enabled_features(args):
-            problems.append(f"--{name}: kernel flags apply to the megatron-core path; {args.model_path} is an HF "
-                            "directory (transformers runs it unpatched)")
-    else:
-        for dest in ("tp", "pp", "vpp", "cp", "prefill_chunk"):
-            value = getattr(args, dest, None)
-            if value is not None and value < 1:
-                problems.append(f"{_MEGATRON_FLAGS[dest]} must be >= 1, got {value}")
-        if tokenizer is None:
-            try:
-                tokenizer = recorded_tokenizer(args.model_path)
-            except (OSError, ValueError, RuntimeError) as e:
-                problems.append(f"--model_path {args.model_path}: {e}")
-            else:
-                if tokenizer is None:
-                    problems.append(f"--model_path {args.model_path}: its training recorded no tokenizer; pass "
-                                    "--tokenizer DIR")
-                elif not os.path.isdir(tokenizer):
-                    problems.append(f"--model_path {args.model_path}: the tokenizer recorded at training time, "
-                                    f"{tokenizer}, is not a directory here; pass --tokenizer DIR")
-        elif not os.path.isdir(tokenizer):
-            problems.append(f"--tokenizer {tokenizer}: no such directory")
-    return kind, tokenizer, problems
+    return infer_model_problems(args)
 
 
 def open_generator(model_path: str, *, tp: Optional[int] = None, pp: Optional[int] = None,

@@ -198,7 +198,7 @@ def model_problems(args: argparse.Namespace) -> Tuple[Optional[str], Optional[st
         for dest, flag in _MEGATRON_FLAGS.items():
             if getattr(args, dest, None) is not None:
                 problems.append(f"{flag} applies to a Megatron checkpoint; {args.model_path} is an HF directory "
-                                "(transformers runs it in this process)")
+                                "(transformers runs it in this process; megatron-vita convert makes a Megatron one)")
         for name in enabled_features(args):
             problems.append(f"--{name}: kernel flags apply to the megatron-core path; {args.model_path} is an HF "
                             "directory (transformers runs it unpatched)")

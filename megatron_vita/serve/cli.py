@@ -86,44 +86,9 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
 def check_model(args: argparse.Namespace) -> Tuple[Optional[str], Optional[str], List[str]]:
     """(kind, tokenizer dir, problems) of `--model_path`, with `infer`'s rules; flags of the
     other path are refused rather than ignored."""
-    from megatron_vita.config.features import enabled_features
-    from megatron_vita.inference import cli as infer
+    from megatron_vita.inference.cli import model_problems
 
-    out: List[str] = []
-    kind = infer.model_kind(args.model_path)
-    tokenizer = args.tokenizer
-    if kind is None:
-        out.append(f"--model_path {args.model_path}: " + (
-            "no such directory" if not os.path.isdir(args.model_path) else
-            "neither a Hugging Face directory (config.json) nor a Megatron checkpoint "
-            "(latest_checkpointed_iteration.txt or iter_* directories)"))
-    elif kind == "hf":
-        from megatron_vita.inference.hf_generator import hf_dir_problems
-
-        out += hf_dir_problems(args.model_path, args.tokenizer)
-        given = [flag for dest, flag in infer._MEGATRON_FLAGS.items() if getattr(args, dest) is not None]
-        given += ["--" + name for name in enabled_features(args)]
-        out += [f"{flag} applies to a Megatron checkpoint; {args.model_path} is an HF directory (transformers "
-                "runs it in this process)" for flag in given]
-    else:
-        for dest in ("tp", "pp", "vpp", "cp", "prefill_chunk"):
-            value = getattr(args, dest)
-            if value is not None and value < 1:
-                out.append(f"{infer._MEGATRON_FLAGS[dest]} must be >= 1, got {value}")
-        if tokenizer is None:
-            try:
-                tokenizer = infer.recorded_tokenizer(args.model_path)
-            except (OSError, ValueError, RuntimeError) as e:
-                out.append(f"--model_path {args.model_path}: {e}")
-            else:
-                if tokenizer is None or not os.path.isdir(tokenizer):
-                    out.append(f"--model_path {args.model_path}: " + (
-                        "its training recorded no tokenizer" if tokenizer is None else
-                        f"the tokenizer its training recorded, {tokenizer}, is not a directory here")
-                        + "; pass --tokenizer DIR")
-        elif not os.path.isdir(tokenizer):
-            out.append(f"--tokenizer {tokenizer}: no such directory")
-    return kind, tokenizer, out
+    return model_problems(args)
 
 
 def problems(args: argparse.Namespace, settings: ServeSettings) -> Tuple[Optional[str], Optional[str], List[str]]:

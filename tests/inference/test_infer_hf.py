@@ -272,7 +272,7 @@ def test_cli_refuses_each_problem_in_one_line(tiny_model_dir, png_path, tmp_path
         f"image {tmp_path / 'missing.png'}: no such file",
         f"video {tmp_path / 'v.mp4'}: no such file or frame directory",
         f"--tp applies to a Megatron checkpoint; {tiny_model_dir} is an HF directory (transformers runs it in this "
-        "process)",
+        "process; megatron-vita convert makes a Megatron one)",
         f"--use-fused-rmsnorm: kernel flags apply to the megatron-core path; {tiny_model_dir} is an HF directory "
         "(transformers runs it unpatched)",
     ])
