@@ -125,7 +125,13 @@ def serve(generator, settings: ServeSettings, sock: socket.socket, log_level: st
     host, port = sock.getsockname()[:2]
     print(f"serve: {settings.model_name} on http://{host}:{port}/v1 (and PUT /api for the original "
           "Long-VITA client)", file=sys.stderr, flush=True)
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    if server.started and server.should_exit:
+        # Stopped by Ctrl-C / SIGTERM. uvicorn re-raises the signal it captured once it has shut
+        # down, but not on every path (a run measured exit 0 instead of 130): the command ends
+        # as interrupted either way ("megatron-vita: interrupted", exit 130).
+        raise KeyboardInterrupt
 
 
 def run(args: argparse.Namespace) -> int:
