@@ -36,7 +36,6 @@ DEFAULT_NFRAME = 4096  # Long-VITA's MAX_NUM_FRAME default; its published sweep 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from megatron_vita.config.features import add_feature_arguments
 
     parser.add_argument("--benchmark", required=True, choices=["video-mme", "mvbench", "longvideobench"])
     parser.add_argument("--data", required=True, metavar="DIR",
@@ -57,17 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the HF directory's, or the "
                         "one a Megatron checkpoint's training recorded)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    mg = parser.add_argument_group("megatron-core path (a Megatron checkpoint)")
-    mg.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=None)
-    mg.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=None)
-    mg.add_argument("--vpp", "--virtual-pipeline-model-parallel-size", dest="vpp", type=int, default=None)
-    mg.add_argument("--cp", "--context-parallel-size", dest="cp", type=int, default=None)
-    mg.add_argument("--cp-algo", "--context-parallel-algo", dest="cp_algo", default=None,
-                    help="ring (default), ulysses or hybrid (MindSpeed's names accepted)")
-    mg.add_argument("--ulysses-degree-in-cp", dest="ulysses_degree_in_cp", type=int, default=None)
-    mg.add_argument("--prefill-chunk", "--prefill_chunk", dest="prefill_chunk", type=int, default=None, metavar="N",
-                    help="prefill the prompt N tokens at a time")
-    add_feature_arguments(parser)
+    from megatron_vita.inference.cli import add_model_path_arguments
+
+    add_model_path_arguments(parser)
 
 
 def summary_path(output: str, summary: Optional[str]) -> str:

@@ -43,7 +43,6 @@ def _both(name: str) -> List[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from megatron_vita.config.dtypes import DTYPES
-    from megatron_vita.config.features import add_feature_arguments
 
     parser.add_argument(*_both("model_path"), dest="model_path", required=True, metavar="DIR",
                         help="a Long-VITA HF directory (transformers) or a Megatron checkpoint (megatron-core ranks)")
@@ -75,6 +74,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokenizer directory (default: the HF directory's, or the one a Megatron checkpoint's "
                         "training recorded)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype (default fp32)")
+    add_model_path_arguments(parser)
+
+
+# ---- what --model_path is -------------------------------------------------------------------
+
+def add_model_path_arguments(parser: argparse.ArgumentParser) -> None:
+    """The megatron-core path's layout flags and the kernel flags: `infer`, `serve` and `eval` share them."""
+    from megatron_vita.config.features import add_feature_arguments
+
     mg = parser.add_argument_group("megatron-core path (a Megatron checkpoint)")
     mg.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=None)
     mg.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=None)
@@ -87,8 +95,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="prefill the prompt N tokens at a time (activation memory bounded by the chunk)")
     add_feature_arguments(parser)
 
-
-# ---- what --model_path is -------------------------------------------------------------------
 def model_kind(path: str) -> Optional[str]:
     """'hf', 'megatron' or None."""
     if not os.path.isdir(path):

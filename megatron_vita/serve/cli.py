@@ -29,7 +29,6 @@ GRACEFUL_SHUTDOWN_S = 30
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from megatron_vita.config.dtypes import DTYPES
-    from megatron_vita.config.features import add_feature_arguments
 
     parser.add_argument("--model_path", "--model-path", dest="model_path", required=True, metavar="DIR",
                         help="a Long-VITA HF directory (transformers) or a Megatron checkpoint (megatron-core ranks)")
@@ -58,18 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-concurrency", type=int, default=64,
                    help="requests held at once, generating (one at a time) or waiting in arrival order; "
                    "more are refused with 429")
-    mg = parser.add_argument_group("megatron-core path (a Megatron checkpoint)")
-    mg.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=None)
-    mg.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=None)
-    mg.add_argument("--vpp", "--virtual-pipeline-model-parallel-size", dest="vpp", type=int, default=None)
-    mg.add_argument("--cp", "--context-parallel-size", dest="cp", type=int, default=None,
-                    help="context-parallel ranks; the world is TP*PP*CP ranks")
-    mg.add_argument("--cp-algo", "--context-parallel-algo", dest="cp_algo", default=None,
-                    help="ring (default), ulysses or hybrid (MindSpeed's names accepted)")
-    mg.add_argument("--ulysses-degree-in-cp", dest="ulysses_degree_in_cp", type=int, default=None)
-    mg.add_argument("--prefill-chunk", "--prefill_chunk", dest="prefill_chunk", type=int, default=None, metavar="N",
-                    help="prefill the prompt N tokens at a time (activation memory bounded by the chunk)")
-    add_feature_arguments(parser)
+    from megatron_vita.inference.cli import add_model_path_arguments
+
+    add_model_path_arguments(parser)
 
 
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
