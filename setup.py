@@ -59,6 +59,6 @@ setup(
     package_data={"megatron_vita": ["py.typed"]},
     install_requires=CORE,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["megatron-vita=megatron_vita.cli:main"]},
+    entry_points={"console_scripts": ["megatron-vita=megatron_vita.cli:console_main"]},
     license="Apache-2.0",
 )

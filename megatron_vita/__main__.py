@@ -1,6 +1,6 @@
 """`python -m megatron_vita` is the `megatron-vita` command."""
 import sys
 
-from megatron_vita.cli import main
+from megatron_vita.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

@@ -25,6 +25,7 @@ from megatron_vita.config.parallel import ParallelConfig
 
 TRACKER = "latest_checkpointed_iteration.txt"
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+_ITER_DIR = re.compile(r"iter_(\d{7})")
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,25 @@ def resolve_iteration_dir(path: str) -> Tuple[str, Optional[int]]:
     if m or os.path.basename(os.path.normpath(path)) == "release":
         return path, int(m.group(1)) if m else None
     raise FileNotFoundError(f"{path} is not a Megatron checkpoint: no {TRACKER} and not an iter_XXXXXXX directory")
+
+
+def latest_iteration(root: str) -> Optional[int]:
+    """The iteration the tracker names (None without one); its directory may be incomplete."""
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    text = open(path, encoding="utf-8").read().strip()
+    if not text.isdigit():
+        raise ValueError(f"{path}: expected an iteration number, found {text[:40]!r}")
+    return int(text)
+
+
+def saved_iterations(root: str) -> List[int]:
+    """Iterations with an iter_XXXXXXX directory under `root` (complete or not), ascending."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(m.group(1)) for m in map(_ITER_DIR.fullmatch, os.listdir(root))
+                  if m and os.path.isdir(os.path.join(root, m.group(0))))
 
 
 def write_tracker(root: str, iteration: int) -> None:

@@ -25,6 +25,7 @@ its own (and a checkpoint keeps the saving rank's).
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import copy
 import hashlib
@@ -37,6 +38,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from megatron_vita.cli import skip_exit_collection
 from megatron_vita.data.image import MediaError
 from megatron_vita.data.packing import Packer, SampleRef, collate_packs
 from megatron_vita.data.readers import RecordFile, normalize_record
@@ -242,6 +244,8 @@ def _identity(x):
 
 def _worker_init(_):
     torch.set_num_threads(1)
+    # Workers are spawned (no fork beside decoder threads); TrainLoader.close waits for their exit.
+    atexit.register(skip_exit_collection)
 
 
 class TrainLoader:

@@ -3,10 +3,13 @@
 Owns the registration of model_type "long_vita" with transformers' Auto classes, so released
 checkpoints load with `AutoModelForCausalLM.from_pretrained(dir)` / `AutoConfig.from_pretrained(dir)`
 and no remote code. `import megatron_vita` calls `register_when_transformers_loads()`: if
-transformers' Auto classes are imported already, the classes are registered at once; else a
-`sys.meta_path` finder registers them as soon as the Auto classes are imported. So a process that
-never uses transformers (`megatron-vita --help`, most of the CLI's checks) does not import it
-and the modeling code. Nothing here imports megatron-core.
+transformers' Auto classes are imported already, the config class is registered at once; else a
+`sys.meta_path` finder registers it as soon as the Auto classes are imported. So a process that
+never uses transformers (`megatron-vita --help`, most of the CLI's checks) does not import it.
+The model classes are registered when the first LongVITAConfig is made (every AutoModel lookup
+starts from one): a process that only loads a tokenizer (AutoTokenizer imports the Auto
+classes) never imports transformers' modeling code, 3.5 s of CPU in each launcher, rank and
+dataloader worker of a training run. Nothing here imports megatron-core.
 """
 from __future__ import annotations
 
@@ -14,9 +17,10 @@ import sys
 import threading
 from typing import Callable, List, Tuple
 
-# Registering needs LongVITAConfig, whose import (Qwen2Config) brings in transformers' modeling
-# Auto module anyway, so one registration of all three classes runs when the first of these loads.
+# AutoTokenizer imports both, so neither may import the model classes.
 AUTO_MODULES = ("transformers.models.auto.configuration_auto", "transformers.models.auto.modeling_auto")
+
+_models_registered = False
 
 
 def register_auto_classes() -> None:
@@ -24,25 +28,48 @@ def register_auto_classes() -> None:
 
     Idempotent: a second call re-registers the same classes.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    register_config_class()
+    register_model_classes(again=True)
+
+
+def register_config_class() -> None:
+    """Register LongVITAConfig with AutoConfig (imports no modeling code)."""
+    from transformers import AutoConfig
+
+    from megatron_vita.hf.configuration import LongVITAConfig
+
+    AutoConfig.register(LongVITAConfig.model_type, LongVITAConfig, exist_ok=True)
+
+
+def register_model_classes(again: bool = False) -> None:
+    """Register LongVITAModel / LongVITAForCausalLM with AutoModel / AutoModelForCausalLM.
+
+    Called by every new LongVITAConfig; it imports the modeling code once, the first time.
+    """
+    global _models_registered
+    if _models_registered and not again:
+        return
+    # Set first: the modeling import below may itself make a LongVITAConfig.
+    _models_registered = True
+    from transformers import AutoModel, AutoModelForCausalLM
 
     from megatron_vita.hf.configuration import LongVITAConfig
     from megatron_vita.hf.modeling import LongVITAForCausalLM, LongVITAModel
 
-    AutoConfig.register(LongVITAConfig.model_type, LongVITAConfig, exist_ok=True)
     AutoModel.register(LongVITAConfig, LongVITAModel, exist_ok=True)
     AutoModelForCausalLM.register(LongVITAConfig, LongVITAForCausalLM, exist_ok=True)
 
 
 def register_when_transformers_loads() -> None:
-    """Register now if transformers' Auto classes are imported, else as soon as one of them is.
+    """Register the config class now if transformers' Auto classes are imported, else as soon as
+    one of them is.
 
     Idempotent: a watcher installed by an earlier call is left to do its work.
     """
     if any(name in sys.modules for name in AUTO_MODULES):
-        register_auto_classes()
+        register_config_class()
     elif not any(isinstance(f, _AutoModuleWatcher) for f in sys.meta_path):
-        sys.meta_path.insert(0, _AutoModuleWatcher(AUTO_MODULES, register_auto_classes))
+        sys.meta_path.insert(0, _AutoModuleWatcher(AUTO_MODULES, register_config_class))
 
 
 class _AutoModuleWatcher:

@@ -22,6 +22,7 @@ from megatron_vita.config.model import (
     TokenIds,
     VisionConfig,
 )
+from megatron_vita.hf import register_model_classes
 
 _LM = LanguageConfig()
 _VIT = VisionConfig()
@@ -118,6 +119,7 @@ class LongVITAConfig(Qwen2Config):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        register_model_classes()  # what AutoModel*.from_config / from_pretrained look this config up in
         if self.projector_hidden_size is None:
             self.projector_hidden_size = self.visual.hidden_size
         if self.special_token_ids is None:

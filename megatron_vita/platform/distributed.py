@@ -27,6 +27,7 @@ from typing import Any, Callable, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_vita.cli import skip_exit_collection
 from megatron_vita.platform.backend import Platform, activate
 
 
@@ -90,6 +91,7 @@ def _worker(rank, world_size, port, backend, threads, fn, args, queue, features=
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        skip_exit_collection()
 
 
 def _to_bytes(result: Any) -> bytes:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
 import shutil
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -37,33 +36,12 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_vita import platform
 from megatron_vita.checkpoint.dist_writer import save_in_process
+from megatron_vita.checkpoint.megatron_layout import TRACKER, iteration_dir_name, latest_iteration, saved_iterations
 from megatron_vita.checkpoint.safe_load import load_weights_only
-
-TRACKER = "latest_checkpointed_iteration.txt"
-_ITER_DIR = re.compile(r"iter_(\d{7})")
 
 
 def iteration_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def latest_iteration(root: str) -> Optional[int]:
-    """The iteration latest_checkpointed_iteration.txt names (None without one); its directory may be incomplete."""
-    path = os.path.join(root, TRACKER)
-    if not os.path.isfile(path):
-        return None
-    text = open(path, encoding="utf-8").read().strip()
-    if not text.isdigit():
-        raise ValueError(f"{path}: expected an iteration number, found {text[:40]!r}")
-    return int(text)
-
-
-def saved_iterations(root: str) -> List[int]:
-    """Iterations with an iter_XXXXXXX directory under `root` (complete or not), ascending."""
-    if not os.path.isdir(root):
-        return []
-    return sorted(int(m.group(1)) for m in map(_ITER_DIR.fullmatch, os.listdir(root))
-                  if m and os.path.isdir(os.path.join(root, m.group(0))))
+    return os.path.join(root, iteration_dir_name(iteration))
 
 
 def missing_files(path: str) -> List[str]:

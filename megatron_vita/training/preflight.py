@@ -195,7 +195,7 @@ def writable_file_problem(flag: str, path: str) -> Optional[str]:
 
 def _holds_checkpoints(root: str) -> Optional[str]:
     """What in `root` belongs to a run's checkpoints (tracker or iter_* directories), or None."""
-    from megatron_vita.training.checkpointing import TRACKER, saved_iterations
+    from megatron_vita.checkpoint.megatron_layout import TRACKER, saved_iterations
 
     if not os.path.isdir(root):
         return None
@@ -340,10 +340,10 @@ def init_problems(cfg: TrainConfig, model_config) -> List[str]:
 
 def load_problems(cfg: TrainConfig) -> List[str]:
     """--load's iteration complete and loadable into this layout (its pickles read safely)."""
-    from megatron_vita.training.checkpointing import check_resume_layout
-
     if not cfg.load or not os.path.isdir(cfg.load):
         return []
+    from megatron_vita.training.checkpointing import check_resume_layout  # megatron-core: only with --load
+
     try:
         check_resume_layout(cfg.load, to_namespace(cfg), load_optim=not (cfg.no_load_optim or cfg.finetune),
                             iteration=cfg.load_iteration)
