@@ -170,3 +170,33 @@ def test_auto_classes_registered_when_transformers_comes_after_megatron_vita(tin
         report = json.loads(out.strip().splitlines()[-1])
         assert report == {"light": True, "config": "LongVITAConfig", "model": "LongVITAForCausalLM",
                           "watchers": []}, (name, report)
+
+
+# A tokenizer is all the data pipeline needs: AutoTokenizer imports transformers' Auto modules,
+# which registers LongVITAConfig, but the model classes (transformers' modeling code, seconds of
+# imports per launcher, rank and dataloader worker) wait for the first LongVITAConfig.
+TOKENIZER_PROBE = textwrap.dedent("""
+    import json, sys
+    import megatron_vita
+    from megatron_vita.data.demo import train_tokenizer
+    from megatron_vita.data.template import load_tokenizer
+    train_tokenizer(["a cat on a mat", "two red squares"], sys.argv[1])
+    tok = load_tokenizer(sys.argv[1])
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    modeling = sorted(m for m in ("transformers.modeling_utils", "megatron_vita.hf.modeling") if m in sys.modules)
+    config_registered = "long_vita" in CONFIG_MAPPING
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from megatron_vita.config.model import ModelConfig
+    d = ModelConfig.from_name("tiny").to_hf_dict()
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d))
+    print(json.dumps({"modeling": modeling, "config": config_registered, "model": type(model).__name__}))
+""")
+
+
+@pytest.mark.timeout(120)
+def test_loading_a_tokenizer_imports_no_modeling_code(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", TOKENIZER_PROBE, str(tmp_path / "tok")], cwd=REPO,
+                          capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == {"modeling": [], "config": True, "model": "LongVITAForCausalLM"}, report

@@ -26,7 +26,7 @@ from megatron_vita.config.parallel import ConfigError
 from megatron_vita.training import config as train_config
 from megatron_vita.training.cli import build_config
 
-ITERS = 8
+ITERS = 6  # checkpoints at 2 and 4 (and 6); the kill lands after iteration 3 or 4
 
 
 def _train_cmd(data, save, metrics, *extra):

@@ -1,6 +1,6 @@
 """--load at another parallel layout: weights reshard; the optimizer state is refused clearly.
 
-A TP=2 run saves at iteration 6. Then:
+A TP=2 run saves at iteration 4. Then:
 
 - loading that checkpoint at PP=2 with the loader training uses (`checkpointing.load_checkpoint`,
   megatron's dist_checkpointing under resharding) gives, on every rank and for every parameter,
@@ -90,33 +90,33 @@ def _reload_rank(rank, world, save, layout):
 def test_resume_at_another_layout(demo_data, tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     save = str(tmp_path / "run")
-    first = _train(repo, demo_data, "--tensor-model-parallel-size", "2", "--train-iters", "6", "--save", save,
+    first = _train(repo, demo_data, "--tensor-model-parallel-size", "2", "--train-iters", "4", "--save", save,
                    "--metrics-file", str(tmp_path / "a.jsonl"))
     assert first.returncode == 0, first.stderr[-3000:]
 
     reports = spawn(_reload_rank, 2, save, dict(pipeline_model_parallel_size=2), timeout=300)
-    assert [r["iteration"] for r in reports] == [6, 6]
+    assert [r["iteration"] for r in reports] == [4, 4]
     assert [r["mismatched"] for r in reports] == [[], []], "resharded weights differ from the saved ones"
     held = [set(r["checked"]) for r in reports]
     assert not held[0] & held[1] and held[0] | held[1] == set(reports[0]["every"])  # PP2: each rank its own
 
     # The refusal comes from the checks made before any rank starts (what `train` runs first).
-    flags = ["--data-root", demo_data, *RECIPE, "--pipeline-model-parallel-size", "2", "--train-iters", "8",
+    flags = ["--data-root", demo_data, *RECIPE, "--pipeline-model-parallel-size", "2", "--train-iters", "6",
              "--load", save]
     flags[flags.index("data_recipes/demo.yaml")] = os.path.join(repo, "data_recipes/demo.yaml")
     with pytest.raises(ConfigError) as refused:
         build_config(_parse(flags), world_size=2)
     problems = "\n".join(refused.value.problems)
     assert "--pipeline-model-parallel-size 1 -> 2" in problems and "--no-load-optim" in problems
-    # Before the PP=2 run saves iteration 8 over it: iteration 7 from the same weights at the saved layout.
-    same = _train(repo, demo_data, "--tensor-model-parallel-size", "2", "--train-iters", "7", "--load", save,
+    # Before the PP=2 run saves iteration 6 over it: iteration 5 from the same weights at the saved layout.
+    same = _train(repo, demo_data, "--tensor-model-parallel-size", "2", "--train-iters", "5", "--load", save,
                   "--no-load-optim", "--metrics-file", str(tmp_path / "same.jsonl"))
     assert same.returncode == 0, same.stderr[-3000:]
-    resumed = _train(repo, demo_data, "--pipeline-model-parallel-size", "2", "--train-iters", "8", "--load", save,
+    resumed = _train(repo, demo_data, "--pipeline-model-parallel-size", "2", "--train-iters", "6", "--load", save,
                      "--no-load-optim", "--save", save, "--metrics-file", str(tmp_path / "b.jsonl"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "start iteration 6" in resumed.stdout
+    assert "start iteration 4" in resumed.stdout
     trained, at_saved_layout, continued = (_metrics(tmp_path / n) for n in ("a.jsonl", "same.jsonl", "b.jsonl"))
-    assert sorted(trained) == list(range(1, 7)) and sorted(at_saved_layout) == [7] and sorted(continued) == [7, 8]
-    assert continued[7]["samples"] == at_saved_layout[7]["samples"]
-    assert rel_diff(continued[7]["loss"], at_saved_layout[7]["loss"]) <= 1e-5, (continued[7], at_saved_layout[7])
+    assert sorted(trained) == list(range(1, 5)) and sorted(at_saved_layout) == [5] and sorted(continued) == [5, 6]
+    assert continued[5]["samples"] == at_saved_layout[5]["samples"]
+    assert rel_diff(continued[5]["loss"], at_saved_layout[5]["loss"]) <= 1e-5, (continued[5], at_saved_layout[5])
