@@ -274,7 +274,7 @@ def run_problems(cfg, run: Optional[ParallelConfig], seq_length: Optional[int], 
     if run is not None:
         errs += run.problems(cfg, max(run.model_parallel_size, 1))
     if features:
-        from megatron_vita.config.features import feature_problems
+        from megatron_vita.platform.features import feature_problems
         from megatron_vita.platform import resolve_backend
 
         errs += feature_problems(resolve_backend(backend), features, dtype)

@@ -15,7 +15,8 @@ from megatron_vita.platform.backend import (
     resolve_backend,
 )
 from megatron_vita.platform.distributed import DistributedRunError, init_distributed, spawn
-from megatron_vita.config.features import feature_problems, known_feature_names, torch_npu_emulation
+from megatron_vita.config.features import known_feature_names
+from megatron_vita.platform.features import feature_problems, torch_npu_emulation
 
 __all__ = [
     "BACKENDS", "ENV_VAR", "BackendUnavailableError", "Platform", "activate", "current", "resolve_backend",

@@ -11,7 +11,7 @@ statistics and synchronize. Model code asks it nothing: only this package, spec 
 mindspeed_patches know which backend runs. `activate` also applies, once per process, every
 megatron-core patch of the backend (`megatron_vita.parallel.megatron_patches`), and the kernel
 features asked for (`features=`, MindSpeed's flag names; which backend allows which is
-`megatron_vita.config.features`): on npu, MindSpeed's own adaptor first when it is installed, then ours.
+`megatron_vita.platform.features`): on npu, MindSpeed's own adaptor first when it is installed, then ours.
 A torch_npu that declares `IS_EMULATION = True` (the tests' emulation) is never an NPU: auto
 never selects it and `--backend npu` refuses it; it only lets the features run on the CPU.
 """
@@ -215,13 +215,14 @@ def activate(requested: Optional[str] = None, *, patch_megatron: bool = True, fe
     `patch_megatron=False` skips the megatron-side work (megatron_patches, the CPU shim,
     mindspeed_patches) for processes that only run the Hugging Face model.
     `features`: kernel flag names ('use-fused-rmsnorm', ...) to apply; refused with one line per
-    flag when the backend cannot run them (`config.features.feature_problems`). Once applied,
+    flag when the backend cannot run them (`platform.features.feature_problems`). Once applied,
     a process keeps them: a later call asking for other features fails.
     `mindspeed`: import MindSpeed's adaptor before ours; None = on npu when it is installed,
     True = require it (also on cpu: the interop tests use a stand-in), False = never.
     """
     global _ACTIVE
-    from megatron_vita.config.features import feature_problems, normalize
+    from megatron_vita.config.features import normalize
+    from megatron_vita.platform.features import feature_problems
 
     name = resolve_backend(requested)
     wanted = tuple(dict.fromkeys(normalize(f) for f in features))

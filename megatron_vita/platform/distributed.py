@@ -123,7 +123,8 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 
     import torch.multiprocessing as mp
 
     from megatron_vita.platform.backend import resolve_backend
-    from megatron_vita.config.features import feature_problems, normalize
+    from megatron_vita.config.features import normalize
+    from megatron_vita.platform.features import feature_problems
 
     features = tuple(dict.fromkeys(normalize(f) for f in features))
     problems = feature_problems(resolve_backend(backend), features)

@@ -5,7 +5,7 @@ torchrun process before it joins the process group. It collects every problem it
 the launcher, and raises one ConfigError listing them, one line each naming the flag or file:
 
 - the kernel flags (`--use-flash-attn`, `--use-fused-rmsnorm`, ...) against the backend
-  (config.features: on cpu only against the tests' torch_npu emulation, on cuda only the
+  (platform.features: on cpu only against the tests' torch_npu emulation, on cuda only the
   flash-attn one, with flash_attn importable);
 - flag values: iterations, batch sizes (and how the global batch splits over data-parallel
   ranks), learning rates and optimizer constants, recompute settings, the sequence length (the
@@ -402,7 +402,7 @@ def feature_problems(cfg: TrainConfig, backend: Optional[str] = None) -> List[st
     """The kernel flags this backend cannot run (default backend: --backend / $MEGATRON_VITA_BACKEND / auto)."""
     if not cfg.features:
         return []
-    from megatron_vita.config.features import feature_problems as problems_on
+    from megatron_vita.platform.features import feature_problems as problems_on
     from megatron_vita.platform import resolve_backend
 
     return problems_on(resolve_backend(backend), cfg.features, "bf16" if cfg.bf16 else "fp32")

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_vita.config.features import CUDA_FEATURES, feature_problems, known_feature_names, npu_feature_names
+from megatron_vita.config.features import CUDA_FEATURES, known_feature_names, npu_feature_names
+from megatron_vita.platform.features import feature_problems
 from megatron_vita.config.parallel import ConfigError
 from megatron_vita.platform import ENV_VAR, BackendUnavailableError, resolve_backend, spawn
 

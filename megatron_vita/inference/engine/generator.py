@@ -261,7 +261,8 @@ class MegatronGenerator:
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ConfigError([f"--prefill-chunk must be >= 1, got {prefill_chunk}"])
         cfg, kind, tok = resolve(checkpoint, par, tokenizer)
-        from megatron_vita.config.features import feature_problems, normalize
+        from megatron_vita.config.features import normalize
+        from megatron_vita.platform.features import feature_problems
         from megatron_vita.platform.backend import resolve_backend
 
         features = tuple(dict.fromkeys(normalize(f) for f in features))

@@ -4,7 +4,7 @@
 parallelism the CP leaf keeps the LLM) and for the ViT when the active platform is cuda and its
 features hold `use-flash-attn`; the default stays the plain torch SDPA leaf (`CoreAttention`).
 Whether the flag may be given (flash_attn importable, fp16/bf16 compute) is checked before any
-rank starts (`config.features.feature_problems`).
+rank starts (`platform.features.feature_problems`).
 
 The glue follows flash-attn 2's documented contract (flash_attn_interface, >= 2.1):
   flash_attn_func(q, k, v, dropout_p, softmax_scale, causal)
