@@ -52,30 +52,63 @@ def tnd_lengths(cu_q: torch.Tensor, cu_kv: torch.Tensor) -> Tuple[List[int], Lis
     return ends_q, ends_kv
 
 
+def _segment_kwargs(seg, q: torch.Tensor, q_pos: Optional[torch.Tensor], k_pos: Optional[torch.Tensor]) -> dict:
+    """The mask arguments of one ring segment: none, or the compressed causal mask of a diagonal
+    block (the same positions on both sides, so the positional mask is the index mask sparse_mode 2
+    applies)."""
+    if not seg.causal:
+        return {}
+    same = (seg.q1 - seg.q0 == seg.k1 - seg.k0 and q_pos is not None and k_pos is not None
+            and torch.equal(q_pos[seg.q0:seg.q1], k_pos[seg.k0:seg.k1]))
+    if not same:
+        raise ValueError(f"causal block {seg} is not a diagonal block: sparse_mode 2 cannot express it")
+    return dict(atten_mask=_compressed_mask(q.device), sparse_mode=SPARSE_CAUSAL_TOP_LEFT)
+
+
+def _rows_stat(x: torch.Tensor) -> torch.Tensor:
+    """[B, N, S] -> the kernel's [B, N, S, 8] fp32 statistic (one value replicated over the 8)."""
+    return x.float().unsqueeze(-1).expand(*x.shape, 8).contiguous()
+
+
 def npu_block_forward_(out, lse, q, k, v, segments, scale: float, q_pos: Optional[torch.Tensor] = None,
                        k_pos: Optional[torch.Tensor] = None, tile: Optional[int] = None) -> None:
     """blocks.attention_forward_ through the kernel: merge each segment's attention into (out, lse).
 
-    q [B, hq, sq, d], k / v [B, hkv, sk, d] (BNSD); `tile` is unused (the kernel tiles itself).
-    A causal segment must be a diagonal block (the same positions on both sides, so the
-    positional mask is the index mask sparse_mode 2 applies)."""
+    q [B, hq, sq, d], k / v [B, hkv, sk, d] (BNSD); `tile` is unused (the kernel tiles itself)."""
     import torch_npu
 
     for seg in segments:
-        kw = {}
-        if seg.causal:
-            same = (seg.q1 - seg.q0 == seg.k1 - seg.k0 and q_pos is not None and k_pos is not None
-                    and torch.equal(q_pos[seg.q0:seg.q1], k_pos[seg.k0:seg.k1]))
-            if not same:
-                raise ValueError(f"causal block {seg} is not a diagonal block: sparse_mode 2 cannot express it")
-            kw = dict(atten_mask=_compressed_mask(q.device), sparse_mode=SPARSE_CAUSAL_TOP_LEFT)
         blk_out, softmax_max, softmax_sum = torch_npu.npu_fusion_attention(
             q[:, :, seg.q0:seg.q1], k[:, :, seg.k0:seg.k1], v[:, :, seg.k0:seg.k1], q.shape[1], "BNSD",
-            scale=scale, **kw)[:3]
+            scale=scale, **_segment_kwargs(seg, q, q_pos, k_pos))[:3]
         m, l = softmax_max[..., 0], softmax_sum[..., 0]  # [B, hq, rows]: row max, row sum of exp(s - m)
         seen = l > 0
         blk_lse = torch.where(seen, m + torch.log(torch.where(seen, l, 1.0)), float("-inf"))
         merge_(out[:, :, seg.q0:seg.q1], lse[:, :, seg.q0:seg.q1], blk_out.float(), blk_lse)
+
+
+def npu_block_backward_(dq, dk, dv, q, k, v, dout, out, lse, delta, segments, scale: float,
+                        q_pos: Optional[torch.Tensor] = None, k_pos: Optional[torch.Tensor] = None,
+                        tile: Optional[int] = None) -> None:
+    """ring.torch_block_backward_ through npu_fusion_attention_grad: add each segment's dQ, dK, dV.
+
+    The kernel recomputes the probabilities from the statistics it is given; the ring has one per
+    query row, the FINAL lse over every key, so softmax_max = lse and softmax_sum = 1 give
+    exp(s - lse), each pair's true probability (a row that saw no key gets +inf: probability 0). It
+    takes delta from dout and the final output (attention_in) itself; `delta` is unused."""
+    import torch_npu
+
+    stat_max = _rows_stat(lse.masked_fill(lse == float("-inf"), float("inf")))
+    stat_sum = torch.ones_like(stat_max)
+    for seg in segments:
+        rows, keys = slice(seg.q0, seg.q1), slice(seg.k0, seg.k1)
+        gq, gk, gv = torch_npu.npu_fusion_attention_grad(
+            q[:, :, rows], k[:, :, keys], v[:, :, keys], dout[:, :, rows], q.shape[1], "BNSD",
+            softmax_max=stat_max[:, :, rows], softmax_sum=stat_sum[:, :, rows], attention_in=out[:, :, rows],
+            scale_value=scale, **_segment_kwargs(seg, q, q_pos, k_pos))[:3]
+        dq[:, :, rows] += gq.float()
+        dk[:, :, keys] += gk.float()
+        dv[:, :, keys] += gv.float()
 
 
 class NPUCoreAttention(CoreAttention):
@@ -124,6 +157,7 @@ class NPUCoreAttention(CoreAttention):
 
 
 class NPUContextParallelAttention(ContextParallelAttention):
-    """ContextParallelAttention whose ring forward steps run npu_fusion_attention."""
+    """ContextParallelAttention whose ring steps run npu_fusion_attention and its gradient kernel."""
 
     block_forward = staticmethod(npu_block_forward_)
+    block_backward = staticmethod(npu_block_backward_)

@@ -6,9 +6,10 @@ mode the NPU path uses, GQA, odd lengths and 1-token documents included, for the
 softmax statistics and the gradients. Each contract violation that NPU glue typically commits
 (a leading 0 in actual_seq_qlen, a full mask where sparse_mode 2 takes the compressed 2048 one,
 the mask's polarity, a forgotten scale, a bad layout, ...) must fail or visibly change the result,
-so that the model-level tests (test_npu_model_equivalence.py) catch bad glue. The ring's NPU
-block kernel (features/npu_attention.npu_block_forward_) is checked against the torch block
-kernel it replaces.
+so that the model-level tests (test_npu_model_equivalence.py) catch bad glue. The gradient
+kernel's emulation (npu_fusion_attention_grad) must give autograd's gradients of the same reference
+from the statistics it is fed. The ring's NPU block kernels (features/npu_attention.npu_block_forward_
+and npu_block_backward_) are checked against the torch block kernels they replace.
 """
 import math
 import os
@@ -145,6 +146,67 @@ def test_emulation_equals_torch_attention(layout, case):
     _compare(ssum[..., 0], l, "softmax_sum")
     for got, want, name in zip(_grads(out, (q, k, v)), _grads(_to_layout(ref, layout), (q, k, v)), "qkv"):
         _compare(got, want, f"d{name}")
+
+
+@pytest.mark.parametrize("layout", ["SBH", "BNSD"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_grad_emulation_equals_torch_autograd(layout, case):
+    """npu_fusion_attention_grad fed the forward's own statistics and output gives autograd's
+    gradients of the reference attention; fed (max = lse, sum = 1), what the ring passes, the same."""
+    sq, sk, mode, kind = CASES[case]
+    b, hq, hkv = 2, 4, 2
+    q, k, v = _qkv(b, hq, hkv, sq, sk)
+    scale = 1 / math.sqrt(D)
+    atten_mask, masked = _mask_for(kind, b, hq, sq, sk)
+    i, j = torch.arange(sq).unsqueeze(1), torch.arange(sk).unsqueeze(0)
+    masked = {2: j > i, 3: j > i + (sk - sq)}.get(mode, masked)
+    ref = _reference(q, k, v, scale, masked)[0]
+    dy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))
+    want = torch.autograd.grad(ref, (q, k, v), dy)
+    lay = [_to_layout(t.detach(), layout) for t in (q, k, v, dy)]
+    out, smax, ssum = torch_npu.npu_fusion_attention(*lay[:3], hq, layout, atten_mask=atten_mask, scale=scale,
+                                                     sparse_mode=mode)[:3]
+    lse = smax + torch.log(ssum)
+    for stats in ((smax, ssum), (lse, torch.ones_like(lse))):
+        before = emu.CALLS[("grad", layout, mode)]
+        got = torch_npu.npu_fusion_attention_grad(*lay, hq, layout, atten_mask=atten_mask, softmax_max=stats[0],
+                                                  softmax_sum=stats[1], attention_in=out.detach(), scale_value=scale,
+                                                  sparse_mode=mode)
+        assert emu.CALLS[("grad", layout, mode)] == before + 1 and got[3].numel() == 0
+        for g, w, t, name in zip(got[:3], want, lay, "qkv"):
+            assert g.shape == t.shape and g.dtype == t.dtype
+            _compare(_from_layout(g, layout, hq if name == "q" else hkv), w, f"d{name}")
+
+
+def _call_grad(**over):
+    q, k, v, dy = (torch.randn(1, 4 if n == "q" or n == "dy" else 2, 6, D) for n in ("q", "k", "v", "dy"))
+    stat = torch.zeros(1, 4, 6, 8)
+    kw = dict(softmax_max=stat, softmax_sum=stat + 1, attention_in=torch.randn(1, 4, 6, D), scale_value=0.3,
+              sparse_mode=2, atten_mask=emu.compressed_causal_mask())
+    kw.update(over)
+    return torch_npu.npu_fusion_attention_grad(q, k, v, dy, 4, "BNSD", **kw)
+
+
+GRAD_VIOLATIONS = {
+    "no softmax_max": (dict(softmax_max=None), "softmax_max is required"),
+    "statistic without the trailing 8": (dict(softmax_sum=torch.ones(1, 4, 6)), "softmax_sum shape"),
+    "statistic of other rows": (dict(softmax_max=torch.zeros(1, 4, 5, 8)), "softmax_max shape"),
+    "trailing 8 not replicated": (dict(softmax_max=torch.arange(8.0).expand(1, 4, 6, 8)), "replicate"),
+    "bf16 statistic": (dict(softmax_sum=torch.ones(1, 4, 6, 8, dtype=torch.bfloat16)), "float32"),
+    "no attention_in": (dict(attention_in=None), "attention_in must be shaped"),
+    "attention_in of another dtype": (dict(attention_in=torch.randn(1, 4, 6, D).bfloat16()),
+                                      "attention_in must be shaped"),
+    "mode 2 with an SxS mask": (dict(atten_mask=torch.ones(6, 6, dtype=torch.bool).triu(1)), "compressed 2048x2048"),
+}
+
+
+@pytest.mark.parametrize("name", list(GRAD_VIOLATIONS))
+def test_grad_contract_violation_fails(name):
+    over, message = GRAD_VIOLATIONS[name]
+    with pytest.raises(ValueError, match=message):
+        _call_grad(**over)
+    with pytest.raises(TypeError):  # the forward's keyword: the gradient kernel's is scale_value
+        _call_grad(scale=0.3)
 
 
 def _packed(lengths_q, lengths_k, hq=4, hkv=2, seed=0):
@@ -304,3 +366,24 @@ def test_npu_block_kernel_equals_torch_block_kernel():
     _compare(results[1][1], results[0][1], "lse")
     with pytest.raises(ValueError, match="not a diagonal block"):
         npu_block_forward_(*new_accumulator(q), q, k, v, [Segment(0, 5, 5, 10, causal=True)], 0.35, pos, pos)
+
+    # Backward: the gradient kernel per segment, fed the final statistics (lse) and output, adds
+    # the same dQ, dK, dV as the torch block backward; a row that saw no key (lse -inf) adds nothing.
+    from megatron_vita.parallel.context.ring import torch_block_backward_
+    from mindspeed_patches.features.npu_attention import npu_block_backward_
+
+    out, lse = results[0]
+    out, lse = out.clone(), lse.clone()
+    lse[1, 3, 4], out[1, 3, 4] = float("-inf"), 0.0
+    dout = torch.randn(q.shape, generator=g)
+    delta = (dout * out).sum(-1)
+    grads = []
+    for kernel in (torch_block_backward_, npu_block_backward_):
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for segments in steps:
+            kernel(dq, dk, dv, q, k, v, dout, out, lse, delta, segments, 0.35, pos, pos, 4)
+        grads.append((dq, dk, dv))
+    assert emu.CALLS[("grad", "BNSD", 2)] >= 2 and emu.CALLS[("grad", "BNSD", 0)] >= 3
+    for got, ref, name in zip(grads[1], grads[0], ("dq", "dk", "dv")):
+        _compare(got, ref, name)
+    assert float(grads[1][0][1, 3, 4].abs().max()) == 0.0

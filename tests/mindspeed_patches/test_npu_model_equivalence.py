@@ -9,7 +9,8 @@ step (megatron's main_grad), rank by rank, for
   cp1       a dense row of an image and a video (LLM causal SBH sparse_mode 2, ViT SBH unmasked)
             and a packed row of documents of odd lengths, one of 1 token (thd -> TND);
   ring_cp2  ring context parallelism over both ranks, the packed row pre-padded for CP and the
-            dense one (each ring step's block through the kernel, merged from softmax_max / sum);
+            dense one (each ring step's block through the kernel, merged from softmax_max / sum,
+            and its gradients through npu_fusion_attention_grad fed the final statistics);
 and, at the attention-leaf level, KV-cache decoding (queries fewer than keys, sbhd and thd)
 against the last rows of the full sequence, and megatron's broadcast padding mask. The emulation's call counter proves the patched
 path ran in each case (a patched model that silently kept the torch leaves would fail).
@@ -213,6 +214,9 @@ def test_npu_patched_model_equals_unpatched(tiny_hf_dir):
         # which kernel calls each case made: proof that the NPU path, in the expected form, ran
         # dense: the LLM as SBH causal, the ViT as SBH unmasked; packed: the LLM as TND
         assert set(calls["cp1"]) == {("SBH", 2), ("SBH", 0), ("TND", 3)}, calls["cp1"]
-        # ring: diagonal blocks causal, the others unmasked, all BNSD; the ViT (never split) as SBH
-        assert set(calls["ring_cp2"]) == {("BNSD", 2), ("BNSD", 0), ("SBH", 0)}, calls["ring_cp2"]
+        # ring: diagonal blocks causal, the others unmasked, all BNSD, forward and backward (the
+        # gradient kernel); the ViT (never split) as SBH through autograd of the forward kernel
+        assert set(calls["ring_cp2"]) == {("BNSD", 2), ("BNSD", 0), ("SBH", 0), ("grad", "BNSD", 2),
+                                          ("grad", "BNSD", 0)}, calls["ring_cp2"]
+        assert not any(key[0] == "grad" for case in ("cp1", "decode") for key in calls[case])
         assert calls["decode"] == {("SBH", 3): 1, ("SBH", 2): 1, ("SBH", 0): 1, ("TND", 3): 2}, calls["decode"]

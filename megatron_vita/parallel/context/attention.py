@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from megatron_vita.parallel.context.blocks import DEFAULT_TILE
 from megatron_vita.parallel.context.layout import SeqLayout
-from megatron_vita.parallel.context.ring import BlockForward, ring_attention
+from megatron_vita.parallel.context.ring import BlockBackward, BlockForward, ring_attention
 from megatron_vita.parallel.context.validate import normalize_algo, ulysses_degree_for
 
 
@@ -163,19 +163,21 @@ def _ulysses_order(layout: SeqLayout, ulysses_size: int, ring_rank: int):
 def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SeqLayout,
                                groups: CPGroups, causal: bool = True, scale: Optional[float] = None,
                                overlap: bool = True, tile: int = DEFAULT_TILE,
-                               block_forward: Optional[BlockForward] = None) -> torch.Tensor:
+                               block_forward: Optional[BlockForward] = None,
+                               block_backward: Optional[BlockBackward] = None) -> torch.Tensor:
     """Attention over the whole (packed) sequence from this rank's share of it.
 
     q [B, hq, s_local, d], k / v [B, hkv, s_local, d] (hq / hkv heads of this TP rank), holding
     `layout.indices(groups.rank)` of the padded global sequence; returns [B, hq, s_local, d].
     `causal` False is bidirectional attention inside each document (padding keys excluded).
-    `block_forward`: the ring's forward kernel per K/V block (ring.ring_attention; default: torch)."""
+    `block_forward` / `block_backward`: the ring's kernels per K/V block (ring.ring_attention; default: torch)."""
     if layout.degree != groups.size:
         raise ValueError(f"layout split over {layout.degree} ranks, context-parallel group of {groups.size}")
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     U = groups.ulysses_size
     if U == 1:
-        return ring_attention(q, k, v, layout, groups.ring, causal, scale, overlap, tile, block_forward)
+        return ring_attention(q, k, v, layout, groups.ring, causal, scale, overlap, tile, block_forward,
+                              block_backward)
     rep = kv_repeats(q.shape[1], k.shape[1], U)
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -183,5 +185,5 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     perm, inverse = (t.to(q.device) for t in _ulysses_order(layout, U, groups.ring_rank))
     q, k, v = (t.index_select(2, perm) for t in (q, k, v))
     out = ring_attention(q, k, v, layout.with_degree(groups.ring_size), groups.ring, causal, scale, overlap, tile,
-                         block_forward)
+                         block_forward, block_backward)
     return heads_to_seq(out.index_select(2, inverse), groups.ulysses)

@@ -43,9 +43,10 @@ def layout_from_packed(params: PackedSeqParams, degree: int) -> SeqLayout:
 class ContextParallelAttention(CoreAttention):
     """CoreAttention over the whole (packed) sequence from this rank's share of it."""
 
-    # The ring's forward kernel per K/V block (None: blocks.attention_forward_, plain torch); a
-    # backend's subclass sets its fused kernel here (a staticmethod with that function's signature).
+    # The ring's kernels per K/V block (None: blocks.attention_forward_ / ring.torch_block_backward_,
+    # plain torch); a backend's subclass sets its fused kernels here (staticmethods, same signatures).
     block_forward = None
+    block_backward = None
 
     def attend(self, query, key, value, attention_mask, mask_type: AttnMaskType,
                packed_seq_params: Optional[PackedSeqParams]) -> torch.Tensor:
@@ -61,7 +62,7 @@ class ContextParallelAttention(CoreAttention):
             raise NotImplementedError("context-parallel attention has no KV-cache decoding (queries and keys "
                                       "must cover the same tokens)")
         kw = dict(causal=mask_type == AttnMaskType.causal, scale=self.softmax_scale, overlap=cp_send_recv_overlap(),
-                  block_forward=self.block_forward)
+                  block_forward=self.block_forward, block_backward=self.block_backward)
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             layout = layout_from_packed(packed_seq_params, groups.size)
             q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))  # [1, h, t, d]

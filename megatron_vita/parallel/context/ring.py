@@ -14,9 +14,10 @@ Bidirectional attention uses every pair, with each document's padding keys left 
 Overlap (`overlap=True`, Megatron's --use-cp-send-recv-overlap): the transfer of the next K/V
 block is posted before the current block is computed, so communication hides behind compute.
 
-The forward step's kernel is pluggable (`block_forward`, e.g. an NPU fused-attention kernel that
-returns the block's row max and sum, which become its lse). Backward recomputes each block from the saved (q, k, v, out, lse) instead of keeping the
-probabilities: dQ accumulates locally; each block's dK/dV accumulator travels the ring with it,
+The kernels are pluggable: `block_forward` (e.g. an NPU fused-attention kernel that returns the
+block's row max and sum, which become its lse) and `block_backward` (its gradient kernel, fed the
+final statistics). Backward recomputes each block from the saved (q, k, v, out, lse) instead of
+keeping the probabilities: dQ accumulates locally; each block's dK/dV accumulator travels the ring with it,
 every rank adding its share, and after R steps arrives back at the block's owner. Gradient
 accumulators and the travelling dK/dV are fp32.
 """
@@ -36,6 +37,9 @@ from megatron_vita.parallel.context.layout import SeqLayout
 # A forward step's kernel: merges the attention of q against one K/V block into (out, lse) in place,
 # with attention_forward_'s arguments (out, lse, q, k, v, segments, scale, q_pos, k_pos, tile).
 BlockForward = Callable[..., None]
+# A backward step's kernel: adds one K/V block's share of dQ and its dK, dV (fp32) in place, from the
+# FINAL out / lse: (dq, dk, dv, q, k, v, dout, out, lse, delta, segments, scale, q_pos, k_pos, tile).
+BlockBackward = Callable[..., None]
 KV_TAG, GRAD_TAG = 0, 1  # distinct tags: with two ranks, next and previous are the same peer
 
 
@@ -69,7 +73,8 @@ class RingPlan:
     """Host-side description of one ring attention call: who is where and what attends to what."""
 
     def __init__(self, layout: SeqLayout, group=None, causal: bool = True, scale: Optional[float] = None,
-                 overlap: bool = True, tile: int = DEFAULT_TILE, block_forward: Optional[BlockForward] = None):
+                 overlap: bool = True, tile: int = DEFAULT_TILE, block_forward: Optional[BlockForward] = None,
+                 block_backward: Optional[BlockBackward] = None):
         self.group = group
         self.size = 1 if group is None else dist.get_world_size(group)
         self.rank = 0 if group is None else dist.get_rank(group)
@@ -77,6 +82,7 @@ class RingPlan:
             raise ValueError(f"layout split over {layout.degree} ranks, ring group of {self.size}")
         self.layout, self.causal, self.scale, self.overlap, self.tile = layout, causal, scale, overlap, tile
         self.block_forward = block_forward or attention_forward_
+        self.block_backward = block_backward or torch_block_backward_
         self.positions = [layout.positions(j) for j in range(self.size)]
         self.cu = layout.local_cu_seqlens()
 
@@ -96,6 +102,12 @@ class RingPlan:
             else:
                 segs.append(Segment(a + half, b, a, b))
         return segs
+
+
+def torch_block_backward_(dq, dk, dv, q, k, v, dout, out, lse, delta, segments, scale, q_pos=None, k_pos=None,
+                          tile: int = DEFAULT_TILE) -> None:
+    """The default backward step: blocks.attention_backward_ (which takes delta, not out)."""
+    attention_backward_(dq, dk, dv, q, k, v, dout, lse, delta, segments, scale, q_pos, k_pos, tile)
 
 
 def _flat(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -149,7 +161,7 @@ class RingAttention(torch.autograd.Function):
             # the previous rank) can still be in flight while this rank computes its share.
             grads = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
             dkb, dvb = _unflat(grads, k.shape)
-            attention_backward_(dq, dkb, dvb, q, kb, vb, dout, lse, delta, plan.segments(j), scale,
+            plan.block_backward(dq, dkb, dvb, q, kb, vb, dout, out, lse, delta, plan.segments(j), scale,
                                 plan.positions[plan.rank], plan.positions[j], plan.tile)
             if dkv_handle is not None:
                 grads += RingComm.wait(dkv_handle)
@@ -171,16 +183,17 @@ class RingAttention(torch.autograd.Function):
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SeqLayout, group=None,
                    causal: bool = True, scale: Optional[float] = None, overlap: bool = True,
-                   tile: int = DEFAULT_TILE, block_forward: Optional[BlockForward] = None) -> torch.Tensor:
+                   tile: int = DEFAULT_TILE, block_forward: Optional[BlockForward] = None,
+                   block_backward: Optional[BlockBackward] = None) -> torch.Tensor:
     """Attention of this rank's load-balanced tokens against the whole sequence held by `group`.
 
     q [B, hq, s_local, d]; k, v [B, hkv, s_local, d] (hq a multiple of hkv: GQA); the tokens are
     `layout.indices(rank)` of the padded global sequence (layout.degree == the group's size, or 1
     with group None: plain attention that keeps no probabilities for backward). `block_forward`: the
     kernel of each forward step, with attention_forward_'s signature and in-place merge (default:
-    attention_forward_ itself); the backward always recomputes with attention_backward_."""
+    attention_forward_ itself); `block_backward`: each backward step's (default: attention_backward_)."""
     if q.shape[2] != layout.local_length or k.shape[2] != layout.local_length:
         raise ValueError(f"local sequence of {q.shape[2]} queries / {k.shape[2]} keys, the layout gives each rank "
                          f"{layout.local_length}")
-    plan = RingPlan(layout, group, causal, scale, overlap, tile, block_forward)
+    plan = RingPlan(layout, group, causal, scale, overlap, tile, block_forward, block_backward)
     return RingAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), plan)

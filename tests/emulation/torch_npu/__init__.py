@@ -33,6 +33,7 @@ _OPS = {
     "npu_swiglu": "ops",
     "npu_rotary_mul": "ops",
     "npu_fusion_attention": "fusion_attention",
+    "npu_fusion_attention_grad": "fusion_attention",
 }
 
 

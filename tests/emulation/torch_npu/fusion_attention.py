@@ -1,4 +1,4 @@
-"""EMULATION of `torch_npu.npu_fusion_attention` in pure torch, for the tests only.
+"""EMULATION of `torch_npu.npu_fusion_attention` (and its gradient kernel) in pure torch, for the tests only.
 
 Not torch_npu, and nothing here runs on an NPU. It computes the documented math,
 Softmax(Mask(scale * Q K^T)) V, in fp32 with autograd, and checks the documented call contract
@@ -28,7 +28,11 @@ allowed in TND) gets out 0, m = -inf, l = 0. keep_prob < 1 applies torch dropout
 probabilities (not the NPU's random stream); softmax_in is an empty tensor, seed / offset /
 numels are 0.
 
-`CALLS` counts the calls by (input_layout, sparse_mode), so tests can prove the NPU path ran.
+`npu_fusion_attention_grad` (what ring attention's backward calls per block) takes the same
+contract plus the forward's statistics and output; see its docstring.
+
+`CALLS` counts the calls by (input_layout, sparse_mode), and the gradient kernel's by ("grad",
+input_layout, sparse_mode), so tests can prove the NPU path ran.
 """
 from __future__ import annotations
 
@@ -187,13 +191,9 @@ def _attention(q, k, v, masked, scale: float, keep_prob: float, tnd: bool):
     return out, m.squeeze(-1), l.detach().squeeze(-1)
 
 
-def npu_fusion_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, head_num: int,
-                         input_layout: str, *, pse=None, padding_mask=None, atten_mask=None, scale: float = 1.0,
-                         keep_prob: float = 1.0, pre_tockens: int = _NO_BAND, next_tockens: int = _NO_BAND,
-                         inner_precise: int = 0, prefix=None, actual_seq_qlen: Optional[Sequence[int]] = None,
-                         actual_seq_kvlen: Optional[Sequence[int]] = None, sparse_mode: int = 0,
-                         gen_mask_parallel: bool = True, sync: bool = False):
-    """EMULATION of torch_npu.npu_fusion_attention (see the module docstring for the contract)."""
+def _check_call(query, key, value, head_num, input_layout, pse, padding_mask, prefix, scale, keep_prob,
+                sparse_mode, atten_mask, op: str = "npu_fusion_attention") -> Tuple[bool, int, int, int]:
+    """The argument contract both ops share; returns (tnd, query heads, key/value heads, head dim)."""
     if input_layout not in LAYOUTS:
         _fail(f"input_layout {input_layout!r} is not one of {', '.join(LAYOUTS)}")
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -208,9 +208,9 @@ def npu_fusion_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     if key.shape != value.shape:
         _fail(f"key {tuple(key.shape)} and value {tuple(value.shape)} shapes differ")
     if pse is not None or padding_mask is not None or prefix is not None:
-        raise NotImplementedError("npu_fusion_attention (emulation): pse, padding_mask and prefix are not emulated")
+        raise NotImplementedError(f"{op} (emulation): pse, padding_mask and prefix are not emulated")
     if sparse_mode not in (0, 1, 2, 3):
-        raise NotImplementedError(f"npu_fusion_attention (emulation): sparse_mode {sparse_mode} is not emulated "
+        raise NotImplementedError(f"{op} (emulation): sparse_mode {sparse_mode} is not emulated "
                                   "(0, 1, 2, 3 are)")
     if not 0.0 < keep_prob <= 1.0:
         _fail(f"keep_prob {keep_prob} outside (0, 1]")
@@ -231,6 +231,18 @@ def npu_fusion_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         _check_compressed(atten_mask, sparse_mode)
     elif sparse_mode == 1 and atten_mask is None:
         _fail("sparse_mode 1 (all mask) needs the full atten_mask")
+    return tnd, nq, nkv, d
+
+
+def npu_fusion_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, head_num: int,
+                         input_layout: str, *, pse=None, padding_mask=None, atten_mask=None, scale: float = 1.0,
+                         keep_prob: float = 1.0, pre_tockens: int = _NO_BAND, next_tockens: int = _NO_BAND,
+                         inner_precise: int = 0, prefix=None, actual_seq_qlen: Optional[Sequence[int]] = None,
+                         actual_seq_kvlen: Optional[Sequence[int]] = None, sparse_mode: int = 0,
+                         gen_mask_parallel: bool = True, sync: bool = False):
+    """EMULATION of torch_npu.npu_fusion_attention (see the module docstring for the contract)."""
+    tnd, nq, nkv, d = _check_call(query, key, value, head_num, input_layout, pse, padding_mask, prefix, scale,
+                                  keep_prob, sparse_mode, atten_mask)
     CALLS[(input_layout, sparse_mode)] += 1
 
     if tnd:
@@ -285,4 +297,75 @@ def npu_fusion_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     return out.contiguous(), softmax_max, softmax_sum, softmax_in, 0, 0, 0
 
 
-__all__ = ["npu_fusion_attention", "compressed_causal_mask", "CALLS", "LAYOUTS", "COMPRESSED_MASK_SIZE"]
+def _check_statistic(name: str, t, rows_shape: Tuple[int, ...]) -> torch.Tensor:
+    """softmax_max / softmax_sum of the forward: fp32 [B, N, Sq, 8], one value replicated over the 8."""
+    if not isinstance(t, torch.Tensor):
+        _fail(f"{name} is required (the forward's [B, N, Sq, 8] fp32 statistic), got {t!r}")
+    if t.dtype != torch.float32:
+        _fail(f"{name} dtype {t.dtype}; float32")
+    if tuple(t.shape) != (*rows_shape, 8):
+        _fail(f"{name} shape {tuple(t.shape)}, the query rows need {(*rows_shape, 8)}")
+    if not torch.equal(t, t[..., :1].expand_as(t)):
+        _fail(f"{name}: the trailing 8 must replicate one value per row")
+    return t[..., 0]
+
+
+def npu_fusion_attention_grad(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dy: torch.Tensor,
+                              head_num: int, input_layout: str, *, pse=None, padding_mask=None, atten_mask=None,
+                              softmax_max=None, softmax_sum=None, softmax_in=None, attention_in=None,
+                              scale_value: float = 1.0, keep_prob: float = 1.0, pre_tockens: int = _NO_BAND,
+                              next_tockens: int = _NO_BAND, inner_precise: int = 0, seed: int = 0, offset: int = 0,
+                              numels: int = 0, prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None,
+                              sparse_mode: int = 0, gen_mask_parallel: bool = True, sync: bool = False):
+    """EMULATION of torch_npu.npu_fusion_attention_grad: (dq, dk, dv, dpse) of one attention call.
+
+    Contract as the forward's (layout, shapes, head_num, GQA, masks per sparse mode; `scale_value`
+    here, not `scale`), plus: `dy` and `attention_in` (the forward's output) shaped and typed like
+    the query; `softmax_max` / `softmax_sum` the fp32 [B, N, Sq, 8] statistics. Like the kernel, it
+    recomputes the probabilities from THOSE statistics, P = exp(scale * Q K^T - max) / sum, and takes
+    delta = rowsum(dy * attention_in), so statistics or outputs of other rows give other gradients.
+    dq / dk / dv come back in the inputs' layout and dtype, dpse empty. Dropout (keep_prob < 1)
+    and TND are not emulated (the project's ring backward calls BNSD).
+    """
+    tnd, nq, nkv, d = _check_call(query, key, value, head_num, input_layout, pse, padding_mask, prefix,
+                                  scale_value, keep_prob, sparse_mode, atten_mask, op="npu_fusion_attention_grad")
+    if tnd or keep_prob < 1.0:
+        raise NotImplementedError("npu_fusion_attention_grad (emulation): TND and dropout are not emulated")
+    if actual_seq_qlen is not None or actual_seq_kvlen is not None:
+        _fail(f"actual_seq_qlen / actual_seq_kvlen belong to the TND layout, not {input_layout}")
+    for name, t in (("dy", dy), ("attention_in", attention_in)):
+        if not isinstance(t, torch.Tensor) or t.shape != query.shape or t.dtype != query.dtype:
+            _fail(f"{name} must be shaped and typed like the query {tuple(query.shape)} {query.dtype}, got "
+                  f"{tuple(t.shape) + (t.dtype,) if isinstance(t, torch.Tensor) else t!r}")
+    CALLS[("grad", input_layout, sparse_mode)] += 1
+    q, k, v, g, o = (_to_bnsd(t, input_layout, n) for t, n in
+                     ((query, nq), (key, nkv), (value, nkv), (dy, nq), (attention_in, nq)))
+    b, sq, sk = q.shape[0], q.shape[2], k.shape[2]
+    m = _check_statistic("softmax_max", softmax_max, (b, nq, sq))
+    l = _check_statistic("softmax_sum", softmax_sum, (b, nq, sq))
+    masked = _visible(sq, sk, sparse_mode, pre_tockens, next_tockens, query.device)
+    if sparse_mode in (0, 1) and atten_mask is not None:
+        if not _full_mask_shape_ok(atten_mask, b, nq, sq, sk, tnd=False):
+            _fail(f"atten_mask shape {tuple(atten_mask.shape)}: BNSS {(b, nq, sq, sk)}, B1SS, 11SS or SS {(sq, sk)}")
+        full = atten_mask.bool()
+        masked = full if masked is None else masked | full
+    groups = nq // nkv
+    qf, gf, of = q.float(), g.float(), o.float()
+    kf, vf = k.float().repeat_interleave(groups, 1), v.float().repeat_interleave(groups, 1)
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * float(scale_value)
+    if masked is not None:
+        s = s.masked_fill(masked, float("-inf"))
+    p = torch.exp(s - m.unsqueeze(-1)) / l.unsqueeze(-1)
+    p = torch.nan_to_num(p, nan=0.0)  # masked scores of rows whose statistic is +-inf
+    delta = (gf * of).sum(-1, keepdim=True)
+    ds = p * (torch.matmul(gf, vf.transpose(-1, -2)) - delta)
+    dq = torch.matmul(ds, kf) * float(scale_value)
+    dk = (torch.matmul(ds.transpose(-1, -2), qf) * float(scale_value)).view(b, nkv, groups, sk, d).sum(2)
+    dv = torch.matmul(p.transpose(-1, -2), gf).view(b, nkv, groups, sk, d).sum(2)
+    dpse = torch.empty(0, dtype=query.dtype, device=query.device)
+    return (_from_bnsd(dq, input_layout).to(query.dtype).contiguous(),
+            _from_bnsd(dk, input_layout).to(key.dtype).contiguous(),
+            _from_bnsd(dv, input_layout).to(value.dtype).contiguous(), dpse)
+
+
+__all__ = ["npu_fusion_attention", "npu_fusion_attention_grad", "compressed_causal_mask", "CALLS", "LAYOUTS", "COMPRESSED_MASK_SIZE"]
