@@ -18,9 +18,10 @@ and model code names no kernel. How each case maps onto the kernel:
   ring / Ulysses CP          each forward step's block (per document: the diagonal block causal
                              with sparse_mode 2, the others unmasked) runs in BNSD through the
                              kernel; its softmax_max / softmax_sum (column 0 of the trailing 8)
-                             give the block's lse = m + log(l), merged with blocks.merge_. The
-                             ring's BACKWARD stays on blocks.attention_backward_ (plain torch):
-                             it recomputes each block from the global lse.
+                             give the block's lse = m + log(l), merged with blocks.merge_. Each
+                             backward step's block runs npu_fusion_attention_grad with the FINAL
+                             statistics (softmax_max = lse, softmax_sum = 1) and output
+                             (attention_in), the same masks; the ring carries dK / dV home.
 Every call passes scale = the layer's softmax scale (the kernel's default is 1.0) and
 keep_prob = 1 - attention dropout while training. This module imports neither torch nor
 megatron; `torch_npu` is imported at call time, so the test emulation (tests/emulation/torch_npu)
