@@ -12,7 +12,9 @@ step (megatron's main_grad), rank by rank, for
             dense one (each ring step's block through the kernel, merged from softmax_max / sum,
             and its gradients through npu_fusion_attention_grad fed the final statistics);
 and, at the attention-leaf level, KV-cache decoding (queries fewer than keys, sbhd and thd)
-against the last rows of the full sequence, and megatron's broadcast padding mask. The emulation's call counter proves the patched
+against the last rows of the full sequence, and megatron's broadcast padding mask; a CP 2
+decoding step through the engine's cached leaf (each rank's partial through the kernel, merged)
+against the full softmax. The emulation's call counter proves the patched
 path ran in each case (a patched model that silently kept the torch leaves would fail).
 """
 import os
@@ -135,6 +137,40 @@ def _run_decode(core_cls):
         return _decode(core_cls)
 
 
+def _cp_decode(core_cls):
+    """A KV-cache decoding step at CP 2 through the engine's cached leaf: each rank holds its own
+    keys (positions 0-9 split unevenly), the new token (position 10) is replicated, rank 0 keeps its
+    key; the merged output and the full softmax over all 11 keys computed here."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_vita.config import ParallelConfig
+    from megatron_vita.inference.engine.kv_cache import CachedAttention, KVCache, Step
+    from megatron_vita.parallel.state import parallel_layout
+
+    with parallel_layout(ParallelConfig(context_parallel_size=2)):
+        config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                                   kv_channels=8, attention_dropout=0.0, context_parallel_size=2)
+        cache = KVCache()
+        cached = CachedAttention(core_cls(config, 1, AttnMaskType.causal, "self"), cache, 0)
+        gen = torch.Generator().manual_seed(4)
+        keys, values = torch.randn(11, 1, 2, 8, generator=gen), torch.randn(11, 1, 2, 8, generator=gen)
+        query = torch.randn(1, 1, 4, 8, generator=gen)
+        rank = ps.get_context_parallel_rank()
+        mine = torch.tensor([[0, 1, 2, 7, 8, 9], [3, 4, 5, 6]][rank])
+        kv = cache.layer(0)
+        kv.reserve(keys[:1], 12)
+        kv.append(keys[mine], values[mine], mine)
+        cache.step = Step("decode", torch.tensor([10]), keep=torch.tensor([rank == 0]),
+                          group=ps.get_context_parallel_group())
+        out = cached(query, keys[10:], values[10:], None).reshape(1, 4, 8)
+        full = torch.softmax(torch.einsum("hd,khd->hk", query[0, 0], keys[:, 0].repeat_interleave(2, 1))
+                             * cached.scale, -1)
+        expected = torch.einsum("hk,khd->hd", full, values[:, 0].repeat_interleave(2, 1))
+    return out[0], expected
+
+
 def _apply_features():
     """Switch every NPU feature on in this rank (activate(features=) where the platform has it)."""
     import argparse
@@ -165,6 +201,9 @@ def _rank(rank, world, hf_dir):
     batches = _batches(cfg)
     ref = {name: _run_case(cfg, hf_dir, layout, batches[name]) for name, layout in CASES.items()}
     ref_decode = _run_decode(CoreAttention)
+    from megatron_vita.parallel.context.leaf import ContextParallelAttention
+
+    ref_cp_decode = _cp_decode(ContextParallelAttention)
     assert not emulation.CALLS, "the unpatched model called the NPU emulation"
     features, applied = _apply_features()
     from mindspeed_patches.features.npu_attention import NPUCoreAttention
@@ -177,8 +216,13 @@ def _rank(rank, world, hf_dir):
     before = dict(emulation.CALLS)
     got_decode = _run_decode(NPUCoreAttention)
     calls["decode"] = {key: n - before.get(key, 0) for key, n in emulation.CALLS.items() if n > before.get(key, 0)}
+    from mindspeed_patches.features.npu_attention import NPUContextParallelAttention
+
+    before = dict(emulation.CALLS)
+    got_cp_decode = _cp_decode(NPUContextParallelAttention)
+    calls["cp_decode"] = {key: n - before.get(key, 0) for key, n in emulation.CALLS.items() if n > before.get(key, 0)}
     return dict(ref=ref, got=got, ref_decode=ref_decode, got_decode=got_decode, calls=calls, features=features,
-                applied=applied)
+                applied=applied, ref_cp_decode=ref_cp_decode, got_cp_decode=got_cp_decode)
 
 
 def _rel(a, b):
@@ -208,6 +252,10 @@ def test_npu_patched_model_equals_unpatched(tiny_hf_dir):
             for what, a, b in zip(("out", "dq", "dk", "dv"), run["got_decode"][got], run["ref_decode"][ref]):
                 if _rel(a, b) > TOLERANCE:
                     failures.append(f"rank {rank} leaf {got} {what}: {_rel(a, b):.2e}")
+        for which in ("ref_cp_decode", "got_cp_decode"):
+            out, expected = run[which]
+            if _rel(out, expected) > TOLERANCE:
+                failures.append(f"rank {rank} {which}: {_rel(out, expected):.2e} from the full softmax")
     assert not failures, "\n".join(failures[:40])
     for run in runs:
         calls = run["calls"]
@@ -220,3 +268,5 @@ def test_npu_patched_model_equals_unpatched(tiny_hf_dir):
                                           ("grad", "BNSD", 0)}, calls["ring_cp2"]
         assert not any(key[0] == "grad" for case in ("cp1", "decode") for key in calls[case])
         assert calls["decode"] == {("SBH", 3): 1, ("SBH", 2): 1, ("SBH", 0): 1, ("TND", 3): 2}, calls["decode"]
+        # CP decoding: each rank's partial over its own cache through the kernel (unmasked BNSD)
+        assert calls["cp_decode"] == {("BNSD", 0): 1}, calls["cp_decode"]

@@ -23,7 +23,9 @@ attends over them. What a forward does is one `Step` shared by all layers:
           cache, one designated rank also keeps (and attends) their keys, and the partials are
           all-gathered and merged. No rank ever holds another rank's keys.
 The partial attention is `parallel.context.blocks.attention_forward_` (fp32 accumulators, tiled,
-GQA without repeating K/V), the merge its `merge_`: the arithmetic of ring attention.
+GQA without repeating K/V), the merge its `merge_`: the arithmetic of ring attention. A decoding
+step's partial (no mask) runs the leaf's ring block kernel instead when the backend has one
+(`--use-flash-attn` on npu: npu_fusion_attention, its softmax statistics giving the lse).
 """
 from __future__ import annotations
 
@@ -158,12 +160,18 @@ class CachedAttention(torch.nn.Module):
         return self._merged(query, k, v, kpos, step)
 
     def _partial(self, query, qpos, k, v, kpos, segments):
-        """fp32 (out [b, hq, sq, d], lse [b, hq, sq]) of queries [sq, b, hq, d] over keys [n, b, hkv, d]."""
+        """fp32 (out [b, hq, sq, d], lse [b, hq, sq]) of queries [sq, b, hq, d] over keys [n, b, hkv, d].
+
+        Unmasked segments (decoding under CP) go through the leaf's ring block kernel when it has
+        one (a backend's fused kernel, e.g. npu_fusion_attention); causal ones (prefill chunks over
+        a cache, positions not a diagonal block) through the torch key tiles."""
         q = query.permute(1, 2, 0, 3)
         out, lse = new_accumulator(q)
+        kernel = attention_forward_
+        if not any(seg.causal for seg in segments):
+            kernel = getattr(self.inner, "block_forward", None) or attention_forward_
         if k.shape[0]:
-            attention_forward_(out, lse, q, k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), segments, self.scale,
-                               qpos, kpos)
+            kernel(out, lse, q, k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), segments, self.scale, qpos, kpos)
         return out, lse
 
     @staticmethod
