@@ -247,6 +247,25 @@ def test_cli_answers_from_the_hf_path(generator, tiny_model_dir, png_path, mp4_p
     assert out.out == generator.generate(text).text + "\n" and "prompt tokens" in out.err
 
 
+@pytest.mark.timeout(300)
+def test_cli_answers_from_a_megatron_checkpoint(generator, tiny_model_dir, png_path, tmp_path):
+    """`infer --model_path` on a Megatron checkpoint (converted from the HF one at TP 2, torch_dist):
+    the megatron-core engine over 2 spawned ranks, streamed, with chunked prefill through the image's
+    tiles, prints the HF path's answer (the tokenizer named with --tokenizer: a conversion records none)."""
+    from megatron_vita.checkpoint.convert import convert
+    from megatron_vita.config import ParallelConfig
+
+    megatron = str(tmp_path / "megatron")
+    convert(tiny_model_dir, megatron, "hf", "megatron", layout=ParallelConfig(tensor_model_parallel_size=2),
+            progress=False, log=lambda *a, **k: None, backend="cpu")
+    request = single_turn(f"<image>\n{QUESTION}", images=[png_path], sampling=SamplingParams(max_new_tokens=6))
+    run = _infer("--model_path", megatron, "--tokenizer", tiny_model_dir, "--tp", "2", "--prefill-chunk", "16",
+                 "--image_path", png_path, "--question", QUESTION, "--max_new_tokens", "6", "--stream", timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout == generator.generate(request).text + "\n"
+    assert f"[infer] megatron path: loading {megatron}" in run.stderr
+
+
 def _refusals(argv, capsys):
     from megatron_vita.cli import main
 
