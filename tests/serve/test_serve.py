@@ -232,6 +232,26 @@ def test_disconnecting_stream_frees_its_slot(generator, serve_tmp, media_root):
         srv.stop()
 
 
+def test_a_non_streaming_client_that_leaves_stops_its_generation(generator, serve_tmp, media_root):
+    """A client that gives up on a long non-streaming answer (its read times out, the connection
+    closes) cancels the generation at the next piece: counted as cancelled, never completed, and
+    the one slot serves the next client well before the 1000 tokens would have ended."""
+    srv = start_server(generator, model_name=MODEL, media_root=media_root, max_tokens=1000, max_concurrency=1)
+    try:
+        body = {"model": MODEL, "max_tokens": 1000, "messages": user(text_part())}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=1.0))
+        left = time.monotonic()
+        while (h := httpx.get(f"{srv.url}/health").json())["running"] + h["waiting"] and time.monotonic() < left + 10:
+            time.sleep(0.05)
+        assert (h["running"], h["waiting"], h["cancelled"], h["completed"]) == (0, 0, 1, 0), h
+        ok = srv.client().chat.completions.create(model=MODEL, max_tokens=2, messages=user(text_part()))
+        assert ok.choices[0].message.content == reference(generator, tokens=2).text
+        assert_no_request_files(serve_tmp)
+    finally:
+        srv.stop()
+
+
 def test_remote_media_only_with_the_flag(generator, media_root, serve_tmp):
     """--allow-remote-media fetches http(s) media (here from a loopback file server), capped by
     --max-request-mb like a body."""
