@@ -84,6 +84,14 @@ PATCHES: Tuple[MegatronPatch, ...] = (
         "checkpoint does not hold per parameter (load_state_dict sets it, one tensor shared by every "
         "parameter, which Adam then increments once per parameter), so loading raises KeyError"),
     MegatronPatch(
+        "dist-optimizer-save-no-step", "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer."
+        "_get_main_param_and_optimizer_states", f"{__name__}:main_param_states_without_step_wrapper",
+        ALL_BACKENDS,
+        "with torch Adam (no apex/TransformerEngine) every parameter's state holds a 'step', which the "
+        "sharded save skips as a tensor but leaves in the per-rank dicts: it lands in the common "
+        "state (rank 0's only) and every save warns that the ranks' common states differ; the step "
+        "is saved with the param groups"),
+    MegatronPatch(
         "cpu-rng-get", "megatron.core.tensor_parallel.random._get_cuda_rng_state",
         "megatron_vita.platform.cpu_shim:get_cpu_rng_state", ("cpu",),
         "it reads torch.cuda.default_generators; on the CPU the tensor-parallel RNG states are "
@@ -198,6 +206,18 @@ def set_main_param_states_wrapper(set_states: Callable) -> Callable:
                 state["step"] = step.clone()
 
     return set_main_param_and_optimizer_states_but_step
+
+
+def main_param_states_without_step_wrapper(get_states: Callable) -> Callable:
+    """The main parameter and Adam's moments of a parameter, without torch Adam's 'step'."""
+
+    def main_param_and_optimizer_states_without_step(self, model_param):
+        tensors = get_states(self, model_param)
+        if not (self.ddp_config.use_custom_fsdp or self.config.use_precision_aware_optimizer):
+            tensors.pop("step", None)
+        return tensors
+
+    return main_param_and_optimizer_states_without_step
 
 
 def destroy_model_parallel_wrapper(destroy_model_parallel: Callable) -> Callable:
