@@ -16,21 +16,15 @@ the whole answer's time for each, and the ratio (goal >= 20x for 64 tokens after
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import os
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from cp_memory import bench_model  # noqa: E402  (the benchmarks' tiny model with n layers)
+
 GOAL = 20.0
-
-
-def bench_model(layers: int, seq: int):
-    from megatron_vita.config.model import ModelConfig
-
-    cfg = ModelConfig.from_name("tiny")
-    cfg.language = dataclasses.replace(cfg.language, num_layers=layers,
-                                       max_position_embeddings=max(cfg.language.max_position_embeddings, seq))
-    cfg.name = f"tiny-{layers}l"
-    return cfg.validate()
 
 
 def prompt(cfg, length: int, frames: int, seed: int = 0):

@@ -20,8 +20,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cp_memory import PeakMeter, spawn_measured  # noqa: E402  (the memory benchmarks' shared meter)
-from long_decode import bench_model, prompt  # noqa: E402
+from cp_memory import PeakMeter, bench_model, spawn_measured  # noqa: E402  (the memory benchmarks' shared parts)
+from long_decode import prompt  # noqa: E402
 
 GOAL = 1.25  # chunked activations at the longest prompt <= GOAL x those at the shortest
 
