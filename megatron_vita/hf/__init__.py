@@ -17,6 +17,8 @@ import sys
 import threading
 from typing import Callable, List, Tuple
 
+from megatron_vita.import_hooks import WrappingLoader, find_spec_wrapped
+
 # AutoTokenizer imports both, so neither may import the model classes.
 AUTO_MODULES = ("transformers.models.auto.configuration_auto", "transformers.models.auto.modeling_auto")
 
@@ -26,10 +28,10 @@ _models_registered = False
 def register_auto_classes() -> None:
     """Register LongVITAConfig / LongVITAModel / LongVITAForCausalLM with the Auto classes now.
 
-    Idempotent: a second call re-registers the same classes.
+    Idempotent.
     """
     register_config_class()
-    register_model_classes(again=True)
+    register_model_classes()
 
 
 def register_config_class() -> None:
@@ -41,13 +43,13 @@ def register_config_class() -> None:
     AutoConfig.register(LongVITAConfig.model_type, LongVITAConfig, exist_ok=True)
 
 
-def register_model_classes(again: bool = False) -> None:
+def register_model_classes() -> None:
     """Register LongVITAModel / LongVITAForCausalLM with AutoModel / AutoModelForCausalLM.
 
     Called by every new LongVITAConfig; it imports the modeling code once, the first time.
     """
     global _models_registered
-    if _models_registered and not again:
+    if _models_registered:
         return
     # Set first: the modeling import below may itself make a LongVITAConfig.
     _models_registered = True
@@ -99,16 +101,7 @@ class _AutoModuleWatcher:
     def find_spec(self, name, path, target=None):
         if name.partition(".")[0] not in self.PACKAGES:
             return None
-        for finder in list(sys.meta_path):
-            find = getattr(finder, "find_spec", None)
-            if finder is self or find is None:
-                continue
-            spec = find(name, path, target)
-            if spec is not None:
-                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _WatchedLoader(spec.loader, self)
-                return spec
-        return None
+        return find_spec_wrapped(self, name, path, target, lambda loader: _WatchedLoader(loader, self))
 
     def loaded(self, name: str) -> None:
         with self.lock:
@@ -122,22 +115,15 @@ class _AutoModuleWatcher:
         pass
 
 
-class _WatchedLoader:
-    """Delegates to the real loader; tells the watcher when the module has executed.
-
-    The module keeps the real loader as `__loader__` / `__spec__.loader` (source lookups,
-    resources), so nothing of the wrapper outlives the import.
-    """
+class _WatchedLoader(WrappingLoader):
+    """Tells the watcher which module is executing and when it has executed."""
 
     def __init__(self, loader, watcher: _AutoModuleWatcher):
-        self.loader, self.watcher = loader, watcher
+        super().__init__(loader)
+        self.watcher = watcher
 
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module) -> None:
+    def execute(self, module) -> None:
         name = module.__spec__.name
-        module.__spec__.loader = module.__loader__ = self.loader
         stack = self.watcher.executing()
         stack.append(name)
         try:
@@ -145,6 +131,3 @@ class _WatchedLoader:
         finally:
             stack.pop()
         self.watcher.loaded(name)
-
-    def __getattr__(self, attr):
-        return getattr(self.loader, attr)

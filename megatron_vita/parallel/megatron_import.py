@@ -28,6 +28,8 @@ import sys
 import threading
 from typing import Callable
 
+from megatron_vita.import_hooks import WrappingLoader, find_spec_wrapped
+
 _PACKAGE = "megatron.core"
 
 
@@ -63,32 +65,16 @@ class _DeferredCompileFinder:
     def find_spec(self, name, path, target=None):
         if name != _PACKAGE:
             return None
-        for finder in list(sys.meta_path):
-            find = getattr(finder, "find_spec", None)
-            if finder is self or find is None:
-                continue
-            spec = find(name, path, target)
-            if spec is not None:
-                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _DeferringLoader(spec.loader)
-                return spec
-        return None
+        return find_spec_wrapped(self, name, path, target, _DeferringLoader)
 
     def invalidate_caches(self) -> None:
         pass
 
 
-class _DeferringLoader:
-    def __init__(self, loader):
-        self.loader = loader
-
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module) -> None:
+class _DeferringLoader(WrappingLoader):
+    def execute(self, module) -> None:
         import torch
 
-        module.__spec__.loader = module.__loader__ = self.loader
         _remove_finder()
         real = torch.compile
         torch.compile = deferring(real)
@@ -99,9 +85,6 @@ class _DeferringLoader:
             # only our own stand-in is taken back.
             if getattr(torch.compile, "deferring", None) is real:
                 torch.compile = real
-
-    def __getattr__(self, attr):
-        return getattr(self.loader, attr)
 
 
 def _remove_finder() -> None:
