@@ -205,7 +205,10 @@ def test_grad_contract_violation_fails(name):
     over, message = GRAD_VIOLATIONS[name]
     with pytest.raises(ValueError, match=message):
         _call_grad(**over)
-    with pytest.raises(TypeError):  # the forward's keyword: the gradient kernel's is scale_value
+
+
+def test_grad_takes_scale_value_not_the_forwards_scale():
+    with pytest.raises(TypeError):
         _call_grad(scale=0.3)
 
 
