@@ -30,13 +30,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 DEFAULT_NFRAME = 4096  # Long-VITA's MAX_NUM_FRAME default; its published sweep used 64 .. 1024
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-
     parser.add_argument("--benchmark", required=True, choices=["video-mme", "mvbench", "longvideobench"])
     parser.add_argument("--data", required=True, metavar="DIR",
                         help="the benchmark as released (Video-MME: videomme/*.parquet + data/ or video/; MVBench: "
@@ -79,14 +78,6 @@ def flag_problems(args) -> List[str]:
     return out
 
 
-def model_problems(args) -> Tuple[Optional[str], Optional[str], List[str]]:
-    """(kind, tokenizer dir, problems) of --model_path and the flags that go with it, checked as
-    `infer` checks them, before any model loads."""
-    from megatron_vita.inference.cli import model_problems as infer_model_problems
-
-    return infer_model_problems(args)
-
-
 def open_generator(model_path: str, *, tp: Optional[int] = None, pp: Optional[int] = None,
                    vpp: Optional[int] = None, cp: Optional[int] = None, cp_algo: Optional[str] = None,
                    ulysses_degree_in_cp: Optional[int] = None, tokenizer: Optional[str] = None, dtype: str = "fp32",
@@ -97,7 +88,7 @@ def open_generator(model_path: str, *, tp: Optional[int] = None, pp: Optional[in
     `inference.cli.make_generator` itself."""
     from megatron_vita.config.features import known_feature_names, normalize
     from megatron_vita.config.parallel import ConfigError
-    from megatron_vita.inference.cli import make_generator
+    from megatron_vita.inference.cli import make_generator, model_problems
     from megatron_vita.platform import resolve_backend
 
     wanted = {normalize(f) for f in features}
@@ -116,8 +107,9 @@ def run(args: argparse.Namespace) -> int:
     from megatron_vita.evaluation.benchmarks import BENCHMARKS, read_benchmark
     from megatron_vita.evaluation.results import (ResultsFile, pending, report_lines, run_questions, summarize,
                                                   write_summary)
-    from megatron_vita.inference.cli import answer_channel, make_generator
+    from megatron_vita.inference.cli import answer_channel, make_generator, model_problems
 
+    # --model_path and its flags: infer's checks (one wording for infer, serve and eval)
     kind, tokenizer, problems = model_problems(args)
     problems = flag_problems(args) + problems
     if problems:

@@ -73,17 +73,12 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         max_seq_len=args.max_seq_len)
 
 
-def check_model(args: argparse.Namespace) -> Tuple[Optional[str], Optional[str], List[str]]:
-    """(kind, tokenizer dir, problems) of `--model_path`, with `infer`'s rules; flags of the
-    other path are refused rather than ignored."""
+def problems(args: argparse.Namespace, settings: ServeSettings) -> Tuple[Optional[str], Optional[str], List[str]]:
+    """(kind, tokenizer, problems): everything wrong with the command line, before any model work;
+    --model_path and its flags with `infer`'s rules (flags of the other path are refused, not ignored)."""
     from megatron_vita.inference.cli import model_problems
 
-    return model_problems(args)
-
-
-def problems(args: argparse.Namespace, settings: ServeSettings) -> Tuple[Optional[str], Optional[str], List[str]]:
-    """(kind, tokenizer, problems): everything wrong with the command line, before any model work."""
-    kind, tokenizer, out = check_model(args)
+    kind, tokenizer, out = model_problems(args)
     out = list(settings.problems()) + out
     if not 0 <= args.port <= 65535:
         out.append(f"--port must be in 0..65535, got {args.port}")
