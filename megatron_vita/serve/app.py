@@ -227,9 +227,9 @@ async def _sse(job: Job, completion: Completion, include_usage: bool, first: tup
             if kind == "error":
                 yield _data(generation_error(value).body())
                 break
-            result: Optional[GenerationResult] = value
-            yield _data(completion.chunk({}, result.finish_reason if result is not None else "stop"))
-            if include_usage and result is not None:
+            result: GenerationResult = value
+            yield _data(completion.chunk({}, result.finish_reason))
+            if include_usage:
                 yield _data(completion.usage_chunk(result))
             break
         yield "data: [DONE]\n\n"

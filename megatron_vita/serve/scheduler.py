@@ -10,7 +10,7 @@ clean-up runs). The media files of a job are removed only when its generation is
 the worker may still be reading them after the client has gone.
 
 Results cross from the worker thread to the event loop with `call_soon_threadsafe` onto an
-`asyncio.Queue` per job: ("piece", text) for streams, then ("done", GenerationResult | None) or
+`asyncio.Queue` per job: ("piece", text) for streams, then ("done", GenerationResult) or
 ("error", exception).
 """
 from __future__ import annotations
@@ -132,7 +132,10 @@ class Scheduler:
                     piece = next(pieces)
                 except StopIteration as stop:
                     # The exhausted stream's value: the finish reason and token counts (api.Generator).
-                    result = stop.value if isinstance(stop.value, GenerationResult) else None
+                    if not isinstance(stop.value, GenerationResult):
+                        raise TypeError(f"{type(self.generator).__name__}.stream() ended without returning its "
+                                        "GenerationResult (inference.api.Generator)") from None
+                    result = stop.value
                     break
                 if job.stream:
                     job._post("piece", piece)
@@ -140,9 +143,6 @@ class Scheduler:
             close = getattr(pieces, "close", None)
             if close is not None:
                 close()
-        if result is None and not job.stream:
-            # A Generator whose stream() returns nothing: its answer again, from generate().
-            result = self.generator.generate(job.request)
         job._post("done", result)
         return "completed"
 
